@@ -1,0 +1,1 @@
+"""Runtimes that execute the registration and per-frame graphs."""
