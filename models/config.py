@@ -119,16 +119,16 @@ PAPER = ModelConfig(
 SMALL = ModelConfig(
     preset="small",
     image_size=128,
-    embedder_channels=(16, 32, 64, 128, 128, 128),
-    embedding_channels=(128, 128, 128, 64, 32, 16),
-    texture_channels=(128, 128, 128, 64, 32, 16, 8),
-    inference_channels=(128, 128, 128, 64, 32, 16, 8),
+    embedder_channels=(16, 32, 48, 64, 96, 128),
+    embedding_channels=(64, 64, 64, 32, 16, 8),
+    texture_channels=(64, 64, 64, 64, 32, 16, 8),
+    inference_channels=(128, 128, 128, 64, 64, 32, 16),
     keypoint_hidden=128,
     projector_rank=64,
     enhancer_channels=(16, 32),
     enhancer_blocks=4,
     enhancer_steps=4,
-    discriminator_channels=(32, 64, 128, 256, 256, 256),
+    discriminator_channels=(32, 64, 128, 128, 128, 128),
 )
 
 PRESETS: dict[str, ModelConfig] = {"paper": PAPER, "small": SMALL}

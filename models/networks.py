@@ -121,6 +121,7 @@ class TextureGenerator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         widths = cfg.texture_channels
+        self.widths = widths
         self.negative_slope = cfg.negative_slope
 
         self.constant = nn.Parameter(torch.randn(1, widths[0], cfg.base_size, cfg.base_size))
@@ -134,10 +135,10 @@ class TextureGenerator(nn.Module):
     def adaptive_shapes(self) -> list[tuple[str, int, int, int]]:
         """(name, embedding index, rows, columns) of every adaptive tensor it consumes."""
         shapes = []
-        for j, block in enumerate(self.blocks):
-            assert isinstance(block, TextureBlock)
-            cin, cout = block.in_channels, block.out_channels
-            if not block.first:
+        widths = self.widths
+        for j in range(NUM_GENERATOR_BLOCKS):
+            cin, cout = widths[j], widths[j + 1]
+            if j > 0:
                 shapes.append((f"blocks.{j}.norm1.conv_scale", j, cin, cin + 1))
                 shapes.append((f"blocks.{j}.norm1.conv_bias", j, cin, cin + 1))
             shapes.append((f"blocks.{j}.norm2.conv_scale", j, cout, cout + 1))

@@ -86,8 +86,7 @@ class Projector(nn.Module):
     def predict(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
         """Every target as [B, rows, columns]."""
         return {
-            name: self.stacks[_key(name)](embeddings[index])
-            for name, index, _, _ in self.targets
+            name: self.stacks[_key(name)](embeddings[index]) for name, index, _, _ in self.targets
         }
 
 
