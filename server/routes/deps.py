@@ -1,0 +1,49 @@
+"""Dependencies shared by the routes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.app import AppServices
+from server.errors import ApiError
+from server.store.base import Avatar
+
+
+def get_services(request: Request) -> AppServices:
+    """The app's services; 503 `not_ready` while starting or draining."""
+    services: AppServices | None = request.app.state.services
+    if services is None or not services.ready:
+        raise ApiError("not_ready", "the server is starting or shutting down; retry shortly")
+    return services
+
+
+Services = Annotated[AppServices, Depends(get_services)]
+
+
+async def load_avatar(services: AppServices, avatar_id: str) -> Avatar:
+    """The avatar, ready to render; 404 when unknown, 409 when made by other weights."""
+    avatar = await asyncio.to_thread(services.store.get, avatar_id)
+    if avatar is None:
+        raise ApiError("avatar_not_found", f"no avatar with id {avatar_id!r}")
+    check_compatible(services, avatar)
+    return avatar
+
+
+def check_compatible(services: AppServices, avatar: Avatar) -> None:
+    """ApiError `avatar_stale` unless the avatar fits the weights the server runs."""
+    weights = services.weights
+    fits = (
+        avatar.meta.weights_sha256 == weights.checkpoint_sha256
+        and avatar.params.shape == (weights.param_count,)
+        and avatar.meta.image_size == weights.image_size
+    )
+    if not fits:
+        raise ApiError(
+            "avatar_stale",
+            f"avatar {avatar.id} was registered with weights {avatar.meta.weights_sha256[:12]} "
+            f"({avatar.meta.preset}); the server runs {weights.checkpoint_sha256[:12]} "
+            f"({weights.preset}): register its photo again",
+        )

@@ -1,0 +1,162 @@
+"""Request and response bodies of the REST API (they become the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from server.store.base import AvatarMeta
+
+
+class CropOut(BaseModel):
+    """The square face crop, in pixels of the uploaded photo."""
+
+    cx: float = Field(description="Centre x.")
+    cy: float = Field(description="Centre y.")
+    side: float = Field(description="Side length.")
+
+
+class PhotoOut(BaseModel):
+    """Size of the uploaded photo."""
+
+    width: int
+    height: int
+
+
+class AvatarOut(BaseModel):
+    """A registered avatar."""
+
+    id: str = Field(description="Avatar id, used in every other route.")
+    created: float = Field(description="Registration time, unix seconds.")
+    image_size: int = Field(description="Frames are image_size x image_size pixels.")
+    preset: str = Field(description="Model preset of the weights that registered it.")
+    weights_sha256: str = Field(description="Checkpoint SHA-256 of those weights.")
+    source_pose: list[float] = Field(
+        description="The photo's pose: 68 (x, y) landmarks flattened to 136 values, "
+        "normalised to [-1, 1] in the crop.",
+        min_length=136, max_length=136,
+    )
+    crop: CropOut
+    photo: PhotoOut
+    num_faces: int = Field(description="Faces found in the photo; the largest was used.")
+    timings_ms: dict[str, float] = Field(
+        description="Registration stages in ms: decode, landmarks, register (and, in the "
+        "POST response, store and total)."
+    )
+
+    @classmethod
+    def from_meta(cls, meta: AvatarMeta) -> AvatarOut:
+        return cls(
+            id=meta.id,
+            created=meta.created,
+            image_size=meta.image_size,
+            preset=meta.preset,
+            weights_sha256=meta.weights_sha256,
+            source_pose=list(meta.source_pose),
+            crop=CropOut(cx=meta.crop[0], cy=meta.crop[1], side=meta.crop[2]),
+            photo=PhotoOut(width=meta.photo_size[0], height=meta.photo_size[1]),
+            num_faces=meta.num_faces,
+            timings_ms=meta.timings_ms,
+        )
+
+
+class AvatarList(BaseModel):
+    """Every avatar, oldest first."""
+
+    avatars: list[AvatarOut]
+
+
+class DeletedOut(BaseModel):
+    """Result of a delete."""
+
+    id: str
+    deleted: bool = True
+    streams_closed: int = Field(description="Open streams of the avatar that were closed.")
+
+
+class PoseIn(BaseModel):
+    """One driver pose: 68 (x, y) landmarks in iBUG-68 order."""
+
+    points: list[tuple[float, float]] = Field(
+        description="68 points [x, y]; normalised to [-1, 1] in the face crop, or pixel "
+        "coordinates of a width x height frame.",
+        min_length=68, max_length=68,
+    )
+    normalised: bool = Field(default=True, description="Points are normalised (else pixels).")
+    width: int | None = Field(default=None, ge=1, le=65535, description="Frame width (pixels).")
+    height: int | None = Field(default=None, ge=1, le=65535, description="Frame height (pixels).")
+
+
+class FramesRequest(BaseModel):
+    """Poses to render in one request (for clients that do not stream)."""
+
+    poses: list[PoseIn] = Field(min_length=1, description="Poses, rendered in order.")
+    format: Literal["jpeg", "webp", "raw"] = Field(default="jpeg", description="Frame encoding.")
+    quality: int = Field(default=85, ge=1, le=100, description="JPEG/WebP quality.")
+    motion: Literal["absolute", "relative"] = Field(
+        default="absolute",
+        description="relative: the motion from the first pose to each pose is applied to "
+        "the avatar's own source pose.",
+    )
+
+
+class FrameOut(BaseModel):
+    """One rendered frame."""
+
+    index: int = Field(description="Position of its pose in the request.")
+    data: str = Field(description="The encoded frame, base64 (raw: RGB bytes, row-major).")
+    batch: int = Field(description="Frames in the runtime call that rendered it.")
+    render_ms: float = Field(description="Duration of that runtime call.")
+
+
+class FramesResponse(BaseModel):
+    """Rendered frames, one per pose, in request order."""
+
+    format: Literal["jpeg", "webp", "raw"]
+    width: int
+    height: int
+    frames: list[FrameOut]
+    total_ms: float = Field(description="Server time for the whole request.")
+
+
+class HealthOut(BaseModel):
+    """Liveness."""
+
+    status: Literal["ok"] = "ok"
+
+
+class RuntimeOut(BaseModel):
+    """The frame runtime in use."""
+
+    name: str
+    precision: str
+    max_batch: int = Field(description="Largest batch the runtime was built for.")
+    batch: int = Field(description="Largest batch the batcher forms.")
+    ms_per_frame: dict[str, float] = Field(
+        description="Warm-up measurement, ms per frame by batch size (empty if not measured)."
+    )
+    registration: str = Field(description="Registration runtime name.")
+
+
+class WeightsOut(BaseModel):
+    """The weights the server runs."""
+
+    preset: str
+    image_size: int
+    param_count: int
+    checkpoint_sha256: str
+    frame_graph_sha256: str
+    trained: bool = Field(description="False: demo weights (random or briefly trained).")
+    directory: str
+
+
+class ReadyOut(BaseModel):
+    """Readiness: runtimes loaded and warmed, store open."""
+
+    ready: bool
+    runtime: RuntimeOut | None = None
+    weights: WeightsOut | None = None
+    store: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    streams: int = Field(default=0, description="WebSocket streams open.")
+    uptime_s: float = 0.0
