@@ -219,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from server.routes.avatars import router as avatars_router
     from server.routes.health import router as health_router
     from server.routes.stream import router as stream_router
+    from server.routes.web import router as web_router
 
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
@@ -258,4 +259,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(avatars_router)
     app.include_router(stream_router)
     app.include_router(health_router)
+    app.include_router(web_router)
     return app
