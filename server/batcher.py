@@ -251,10 +251,15 @@ def choose_batch_size(
             times.append(time.perf_counter() - started)
         per_frame[size] = statistics.median(times) * 1000.0 / size
 
-    best = min(per_frame.values())
-    chosen = min(size for size, ms in per_frame.items() if ms <= best * (1 + tolerance))
+    chosen = pick_batch_size(per_frame, tolerance)
     logger.info(
         "batch size %d chosen; ms per frame by batch: %s",
         chosen, ", ".join(f"{size}: {ms:.2f}" for size, ms in per_frame.items()),
     )
     return chosen, per_frame
+
+
+def pick_batch_size(ms_per_frame: dict[int, float], tolerance: float = 0.10) -> int:
+    """The smallest batch whose time per frame is within `tolerance` of the best."""
+    best = min(ms_per_frame.values())
+    return min(size for size, ms in ms_per_frame.items() if ms <= best * (1 + tolerance))
