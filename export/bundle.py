@@ -191,15 +191,22 @@ def write_bundle(
     and the graphs are exported from the rounded weights, so that the checkpoint and the
     graphs describe exactly the same model. Returns the loaded manifest.
     """
+    import copy
+
     import torch
 
     from export.checkpoint import GENERATOR_FORMAT, round_weights_fp16
     from export.onnx_export import export_frame_graph, export_register_graph, frame_param_layout
+    from models.layers import has_spectral_norm, remove_spectral_norm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: logger.info("%s", message))
-    model = model.eval()
+
+    # work on a copy: the caller's model keeps its weights and spectral norm
+    model = copy.deepcopy(model).eval()
+    if has_spectral_norm(model):
+        remove_spectral_norm(model)
 
     # the checkpoint first: the graphs come from exactly these weights
     if fp16_checkpoint:
