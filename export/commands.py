@@ -82,7 +82,9 @@ def export_command(
         for row in rows:
             verdict = "[green]ok[/green]" if row.passed else "[red]FAILED[/red]"
             figures = ", ".join(f"{k}={v:.3g}" for k, v in row.figures.items())
-            console.print(f"parity {row.graph:8s} {row.inputs:14s} b{row.batch}: {verdict} {figures}")
+            console.print(
+                f"parity {row.graph:8s} {row.inputs:14s} b{row.batch}: {verdict} {figures}"
+            )
 
     sizes = {
         path.name: round(path.stat().st_size / 1e6, 2) for path in sorted(Path(out).iterdir())
@@ -115,7 +117,9 @@ def build_engine_command(
         int | None, typer.Option(help="Batch TensorRT tunes for (default: max/2).")
     ] = None,
     fp32: Annotated[bool, typer.Option(help="Build an FP32 engine instead of FP16.")] = False,
-    rebuild: Annotated[bool, typer.Option(help="Rebuild even if a matching engine exists.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option(help="Rebuild even if a matching engine exists.")
+    ] = False,
     device: Annotated[int, typer.Option(help="CUDA device index.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print metadata as JSON.")] = False,
 ) -> None:

@@ -82,7 +82,7 @@ def driving_poses(pose: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
         scale = rng.uniform(0.9, 1.1)
         shift = rng.uniform(-0.08, 0.08, 2)
         jitter = rng.normal(0, 0.01, points.shape)
-        poses.append(((points - points.mean(0)) * scale + points.mean(0) + shift + jitter))
+        poses.append((points - points.mean(0)) * scale + points.mean(0) + shift + jitter)
     return np.stack(poses).reshape(count, 136).astype(np.float32)  # [count, 136]
 
 
