@@ -23,13 +23,13 @@ NO_CACHE = {"Cache-Control": "no-cache"}
 router = APIRouter(tags=["web"], include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 async def index() -> FileResponse:
     """The try-it page."""
     return FileResponse(PAGE, media_type="text/html", headers=NO_CACHE)
 
 
-@router.get("/static/{path:path}")
+@router.api_route("/static/{path:path}", methods=["GET", "HEAD"])
 async def static_file(path: str) -> FileResponse:
     """A file of the page (script, style, pose track) or the sample photo."""
     root = STATIC_DIR.resolve()

@@ -21,6 +21,12 @@ const LOST_AFTER_MS = 2000; // an input unanswered this long was dropped by the 
 const CAMERA_SEND_WIDTH = 480; // webcam frames are scaled to this width before JPEG
 const CAMERA_FPS = 30;
 
+// iBUG-68 face lines for drawing a pose: [first, last, closed]
+const FACE_LINES = [
+  [0, 16, false], [17, 21, false], [22, 26, false], [27, 30, false], [31, 35, false],
+  [36, 41, true], [42, 47, true], [48, 59, true], [60, 67, true],
+];
+
 // plain words for WebSocket close codes (RFC 6455 and the server's own 4xxx codes)
 const CLOSE_WORDS = {
   1000: "the stream ended normally",
@@ -318,6 +324,7 @@ async function start() {
       await openCamera();
     } else {
       await loadTrack();
+      $("driver-figure").hidden = false;
     }
   } catch (error) {
     fail(`Cannot start: ${error.message}.`);
@@ -389,6 +396,7 @@ function sendTrackPose() {
   const seq = page.seq++;
   page.sent.set(seq, performance.now());
   page.socket.send(packPose(seq, frames[page.trackIndex]));
+  drawPose(frames[page.trackIndex]);
   page.trackIndex = (page.trackIndex + 1) % frames.length;
 }
 
@@ -459,6 +467,33 @@ async function onFrame(buffer) {
   await draw(frame);
 }
 
+function drawPose(values) {
+  // normalised [-1, 1] landmarks -> lines on the small driver canvas
+  const canvas = $("driver-view");
+  const context = canvas.getContext("2d");
+  const half = canvas.width / 2;
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.strokeStyle = "#7fd4ff";
+  context.lineWidth = 2;
+  for (const [first, last, closed] of FACE_LINES) {
+    context.beginPath();
+    for (let i = first; i <= last; i++) {
+      const x = (values[2 * i] + 1) * half;
+      const y = (values[2 * i + 1] + 1) * half;
+      if (i === first) {
+        context.moveTo(x, y);
+      } else {
+        context.lineTo(x, y);
+      }
+    }
+    if (closed) {
+      context.closePath();
+    }
+    context.stroke();
+  }
+}
+
 async function draw(frame) {
   const canvas = $("output");
   if (canvas.width !== frame.width || canvas.height !== frame.height) {
@@ -508,6 +543,7 @@ function stop() {
     page.socket.close(1000, "stopped on the page");
     // onClose finishes the job
   }
+  $("driver-figure").hidden = true;
   if (page.stream !== null) {
     for (const track of page.stream.getTracks()) {
       track.stop();
@@ -580,6 +616,11 @@ function init() {
   $("existing").addEventListener("change", (event) => useExisting(event.target.value));
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", stop);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    checkServer();
+    loadAvatarList();
+  });
   $("api-key").addEventListener("change", () => {
     checkServer();
     loadAvatarList();
