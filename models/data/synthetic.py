@@ -66,7 +66,7 @@ MOUTH_CAVITY_RGB = (45, 20, 22)
 class MotionRanges:
     """How far synthetic clips move a head away from its photo (uniform, +-)."""
 
-    yaw_deg: float = 25.0  # turn left/right
+    yaw_deg: float = 25.0  # turn; positive yaw turns the face towards the image left
     pitch_deg: float = 15.0  # nod up/down
     roll_deg: float = 12.0  # tilt in the image plane
     scale: float = 0.08  # relative head size change in the frame
