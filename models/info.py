@@ -8,6 +8,7 @@ Bilinear warping is not a matrix product; it is added as 4 MACs per sampled valu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -34,6 +35,13 @@ def model_info(preset: str) -> dict[str, Any]:
     frame_gmac (Keypoint MLP + Inference Generator + warp, batch 1), frame_gmac_parts,
     skip_rewrite_saving_gmac, register_gmac {part: GMAC}, adaptive_params (P).
     """
+    result: dict[str, Any] = json.loads(_model_info_json(preset))
+    return result
+
+
+@functools.lru_cache(maxsize=4)
+def _model_info_json(preset: str) -> str:
+    """model_info as JSON text, counted once per preset and process."""
     import torch
 
     from models.bilayer import AvatarState, BilayerModel
@@ -96,7 +104,7 @@ def model_info(preset: str) -> dict[str, Any]:
 
     frame_networks = ("keypoint_mlp", "inference_generator")
     generator_networks = [name for name in params if name != "discriminator"]
-    return {
+    info = {
         "preset": preset,
         "image_size": size,
         "params": params,
@@ -112,6 +120,7 @@ def model_info(preset: str) -> dict[str, Any]:
         "register_gmac": {name: round(macs / 1e9, 3) for name, macs in register.items()},
         "adaptive_params": model.param_count,
     }
+    return json.dumps(info)
 
 
 def model_info_command(
