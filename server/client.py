@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from server.encode import decode_frame
 from server.protocol import (
@@ -168,21 +169,28 @@ class AvatarClient:
     def metrics(self) -> str:
         return _check(self.http.get("/metrics")).text
 
-    def stream(self, avatar_id: str, **config: Any) -> PoseStream:
-        """Open a stream and send hello with `config` (format, quality, input, motion)."""
-        return PoseStream(_ws_url(self.base_url, avatar_id), config)
+    def stream(
+        self, avatar_id: str, socket_options: dict[str, Any] | None = None, **config: Any
+    ) -> PoseStream:
+        """Open a stream and send hello with `config` (format, quality, input, motion);
+        `socket_options` go to websockets' connect (e.g. max_queue, sock)."""
+        return PoseStream(_ws_url(self.base_url, avatar_id), config, **(socket_options or {}))
 
 
 class PoseStream:
     """A blocking stream (websockets' sync client)."""
 
-    def __init__(self, url: str, config: dict[str, Any]) -> None:
+    def __init__(self, url: str, config: dict[str, Any], **options: Any) -> None:
         from websockets.sync.client import connect
 
-        self.socket = connect(url, max_size=64 * 1024 * 1024)
+        # frames are compressed already: no permessage-deflate on top
+        self.socket = connect(url, max_size=64 * 1024 * 1024, compression=None, **options)
         self.events: list[dict[str, Any]] = []
         self.ready: dict[str, Any] | None = None
-        self.socket.send(json.dumps({"type": "hello", **config}))
+        try:
+            self.socket.send(json.dumps({"type": "hello", **config}))
+        except ConnectionClosed:
+            pass  # refused at once (unknown avatar): receive() reports how
 
     def send_pose(
         self, seq: int, points: np.ndarray, *, normalised: bool, width: int = 0, height: int = 0
@@ -198,8 +206,6 @@ class PoseStream:
 
     def receive(self, timeout: float | None = 30.0) -> FrameMessage | dict[str, Any]:
         """The next frame message or JSON event; StreamClosed when the server closed."""
-        from websockets.exceptions import ConnectionClosed
-
         try:
             data = self.socket.recv(timeout=timeout)
         except ConnectionClosed as closed:
@@ -227,7 +233,10 @@ class PoseStream:
         )
 
     def close(self) -> None:
-        self.socket.close()
+        try:
+            self.socket.close()
+        except ConnectionClosed:
+            pass
 
     def __enter__(self) -> PoseStream:
         return self
@@ -308,8 +317,11 @@ class AsyncPoseStream:
     async def open(self, config: dict[str, Any]) -> None:
         from websockets.asyncio.client import connect
 
-        self.socket = await connect(self.url, max_size=64 * 1024 * 1024)
-        await self.socket.send(json.dumps({"type": "hello", **config}))
+        self.socket = await connect(self.url, max_size=64 * 1024 * 1024, compression=None)
+        try:
+            await self.socket.send(json.dumps({"type": "hello", **config}))
+        except ConnectionClosed:
+            pass  # refused at once (unknown avatar): receive() reports how
 
     async def send_pose(
         self, seq: int, points: np.ndarray, *, normalised: bool, width: int = 0, height: int = 0
@@ -323,8 +335,6 @@ class AsyncPoseStream:
 
     async def receive(self) -> FrameMessage | dict[str, Any]:
         """The next frame message or JSON event; StreamClosed when the server closed."""
-        from websockets.exceptions import ConnectionClosed
-
         try:
             data = await self.socket.recv()
         except ConnectionClosed as closed:
@@ -340,7 +350,10 @@ class AsyncPoseStream:
         return parse_frame(data)
 
     async def close(self) -> None:
-        await self.socket.close()
+        try:
+            await self.socket.close()
+        except ConnectionClosed:
+            pass
 
     async def __aenter__(self) -> AsyncPoseStream:
         return self
