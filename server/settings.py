@@ -90,9 +90,12 @@ class Settings(BaseSettings):
 
     # streams
     max_pending: int = Field(
-        default=2, ge=1, le=8, description="Poses a stream may have waiting; newer ones replace them."
+        default=2, ge=1, le=8,
+        description="Poses a stream may have waiting; newer ones replace them.",
     )
-    default_format: OutputFormat = Field(default="jpeg", description="Frame format if hello omits it.")
+    default_format: OutputFormat = Field(
+        default="jpeg", description="Frame format if hello omits it."
+    )
     default_quality: int = Field(default=85, ge=1, le=100, description="JPEG/WebP quality default.")
     stats_interval_s: float = Field(
         default=1.0, ge=0.1, le=3600.0, description="Seconds between stats events on a stream."
