@@ -121,14 +121,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_indices(batch_number: int, batch_size: int, num_items: int, seed: int) -> list[int]:
-    """The dataset indices of batch `batch_number`: epochs of fresh permutations."""
-    indices = []
+def batch_indices(
+    batch_number: int, batch_size: int, num_items: int, seed: int
+) -> list[tuple[int, int]]:
+    """(epoch, dataset index) of every item of batch `batch_number`.
+
+    Each epoch visits the dataset in a fresh permutation drawn from (seed, epoch); a batch
+    may straddle two epochs.
+    """
+    items = []
     for slot in range(batch_size):
         epoch, position = divmod(batch_number * batch_size + slot, num_items)
         permutation = np.random.default_rng([seed, epoch]).permutation(num_items)
-        indices.append(int(permutation[position]))
-    return indices
+        items.append((epoch, int(permutation[position])))
+    return items
 
 
 def _image_tensor(value: Any) -> Tensor:
@@ -187,11 +193,15 @@ class BatchSource:
         self.drawn = 0
 
     def next(self) -> dict[str, Tensor]:
-        indices = batch_indices(self.drawn, self.batch_size, len(self.dataset), self.seed)
+        slots = batch_indices(self.drawn, self.batch_size, len(self.dataset), self.seed)
 
         # A dataset that draws random numbers per item sees the same ones on resume.
         seed_everything(self.seed * 1_000_003 + self.drawn)
-        items = [self.dataset[index] for index in indices]
+        items = []
+        for epoch, index in slots:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)  # new source frames and augmentations
+            items.append(self.dataset[index])
         self.drawn += 1
         return collate(items, self.device)
 
@@ -209,9 +219,12 @@ def open_dataset(data_dir: Path, image_size: int, split: str, seed: int) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG state, as plain Python values and tensors (loadable with weights_only)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(position),
+                  int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -221,7 +234,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    keys = np.asarray(keys.numpy() if isinstance(keys, Tensor) else keys).astype(np.uint32)
+    np.random.set_state((name, keys, int(position), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -266,11 +281,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def load_generator(path: Path, device: str = "cpu") -> nn.Module:
     """A `BilayerModel` from a checkpoint, in eval mode with spectral norm removed."""
-    from models.bilayer import load_bilayer
+    from models.evaluate import load_model
 
-    payload = load_checkpoint(path)
-    cfg = ModelConfig.from_dict(payload["config"])
-    return load_bilayer(cfg, payload["model"]).to(device)
+    return load_model(path, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,7 +309,10 @@ def image_grid(columns: list[Tensor], rows: int = 4) -> Tensor:
 class Trainer:
     """Owns the networks, optimisers and data stream of one run; `run()` trains."""
 
-    def __init__(self, options: TrainOptions, dataset: Any | None = None) -> None:
+    def __init__(
+        self, options: TrainOptions, dataset: Any | None = None, cfg: ModelConfig | None = None
+    ) -> None:
+        """`cfg` overrides the preset (tests, experiments); a checkpoint's config wins."""
         if options.k_disc < 1:
             raise ValueError(f"k_disc must be >= 1, got {options.k_disc}")
         if options.stage not in ("base", "enhancer"):
@@ -324,7 +340,7 @@ class Trainer:
         if source_payload is not None:
             self.cfg = ModelConfig.from_dict(source_payload["config"])
         else:
-            self.cfg = get_config(options.preset)
+            self.cfg = cfg or get_config(options.preset)
             if options.disc_channels is not None:
                 self.cfg = replace(self.cfg, discriminator_channels=tuple(options.disc_channels))
         self.generator, self.discriminator = build_networks(self.cfg)
@@ -692,9 +708,11 @@ def _progress(enabled: bool) -> Any:
     )
 
 
-def train(options: TrainOptions, dataset: Any | None = None) -> dict[str, float]:
+def train(
+    options: TrainOptions, dataset: Any | None = None, cfg: ModelConfig | None = None
+) -> dict[str, float]:
     """Build a trainer from `options` and run it to `options.steps`."""
-    return Trainer(options, dataset).run()
+    return Trainer(options, dataset, cfg).run()
 
 
 __all__ = [
