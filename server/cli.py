@@ -22,7 +22,12 @@ bench_app = typer.Typer(help="Benchmarks that print figures.", no_args_is_help=T
 app.add_typer(bench_app, name="bench")
 
 # (typer app, command name, "module:function")
-COMMANDS: list[tuple[typer.Typer, str, str]] = []
+COMMANDS: list[tuple[typer.Typer, str, str]] = [
+    (app, "serve", "server.commands:serve_command"),
+    (app, "register", "server.commands:register_command"),
+    (app, "drive", "server.commands:drive_command"),
+    (bench_app, "stream", "server.commands:bench_stream_command"),
+]
 
 
 def _register_commands() -> None:
