@@ -132,13 +132,16 @@ class PairDataset(Dataset[dict[str, torch.Tensor | str]]):
         brightness = 1 + rng.uniform(-aug.brightness, aug.brightness)
         contrast = 1 + rng.uniform(-aug.contrast, aug.contrast)
         saturation = 1 + rng.uniform(-aug.saturation, aug.saturation)
+
+        # brightness, then saturation (towards the channel mean), then contrast (towards
+        # the image mean) are together one affine colour map: out = matrix @ rgb + offset
+        mix = saturation * np.eye(3) + (1 - saturation) / 3 * np.ones((3, 3))
+        matrix = contrast * brightness * mix
         out = []
         for image in images:
-            x = image.astype(np.float32) * brightness
-            grey = x.mean(axis=2, keepdims=True)  # [S, S, 1]
-            x = grey + (x - grey) * saturation
-            x = (x - x.mean()) * contrast + x.mean()
-            out.append(np.clip(x, 0, 255).astype(np.uint8))
+            offset = (1 - contrast) * brightness * float(np.mean(cv2.mean(image)[:3]))
+            affine = np.concatenate([matrix, np.full((3, 1), offset)], axis=1)  # [3, 4]
+            out.append(cv2.transform(np.ascontiguousarray(image), affine))  # saturates
         return out
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:

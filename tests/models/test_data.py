@@ -241,7 +241,8 @@ def test_dataset_pairs_are_deterministic_and_stay_in_the_clip(prepared):
         rows = keypoints[(clip.identity, clip.clip)]
         poses = [a["source_pose"].numpy(), a["target_pose"].numpy()]
         matches = [
-            [j for j, row in enumerate(rows) if np.allclose(row, p) or np.allclose(row, flip_pose(p))]
+            [j for j, row in enumerate(rows) if np.allclose(row, p)
+             or np.allclose(row, flip_pose(p))]
             for p in poses
         ]
         assert matches[0] and matches[1] and matches[0] != matches[1]
@@ -272,14 +273,16 @@ def test_dataset_flip_mirrors_image_and_pose_together(prepared):
 
 
 def test_dataset_is_fast(prepared):
+    # CPU time, not wall time: the test machine's cores are shared
     torch.set_num_threads(1)
     dataset = PairDataset(prepared, split="train", seed=0)
     dataset[0]
-    start = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
-    per_item = (time.perf_counter() - start) / len(dataset)
-    assert per_item < 0.02, f"{per_item * 1e3:.1f} ms per item"
+    start = time.process_time()
+    for _ in range(3):
+        for i in range(len(dataset)):
+            dataset[i]
+    per_item = (time.process_time() - start) / (3 * len(dataset))
+    assert per_item < 0.01, f"{per_item * 1e3:.1f} ms CPU per item"
 
 
 def test_shipped_photos_have_sources():
