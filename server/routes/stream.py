@@ -9,7 +9,7 @@ from fastapi import APIRouter, WebSocket
 
 from server.app import AppServices
 from server.errors import ApiError
-from server.protocol import ProtocolError
+from server.protocol import ProtocolError, event
 from server.routes.deps import check_compatible
 from server.session import StreamSession
 
@@ -24,7 +24,9 @@ async def stream_avatar(websocket: WebSocket, avatar_id: str) -> None:
     services: AppServices | None = websocket.app.state.services
     if services is None or not services.ready:
         await websocket.accept()
-        await websocket.close(1013, "the server is starting or shutting down; retry shortly")
+        error = ProtocolError("not_ready", "the server is starting or shutting down; retry")
+        await websocket.send_text(event("error", code=error.code, message=error.message))
+        await websocket.close(error.close_code, error.message)
         return
 
     session = StreamSession(websocket, avatar_id, services.stream)
