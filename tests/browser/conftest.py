@@ -129,8 +129,8 @@ def camera_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def browser(camera_video: Path) -> Iterator:
-    """Headless Chromium with a fake camera that plays `camera_video`."""
+def playwright() -> Iterator:
+    """Playwright, once Debian's Chromium is known to be there."""
     if not CHROMIUM.is_file():
         message = f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium`"
         if os.environ.get("AVATAR_BROWSER_REQUIRED") == "1":
@@ -138,21 +138,38 @@ def browser(camera_video: Path) -> Iterator:
         pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as instance:
+        yield instance
+
+
+def _launch(playwright, camera_flags: list[str]):
     flags = CHROMIUM_FLAGS + [
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-video-capture={camera_video}",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", *camera_flags
     ]
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
+
+
+@pytest.fixture(scope="session")
+def browser(playwright, camera_video: Path) -> Iterator:
+    """Headless Chromium whose fake camera plays `camera_video` (a real face)."""
+    chromium = _launch(playwright, [f"--use-file-for-fake-video-capture={camera_video}"])
+    try:
+        yield chromium
+    finally:
+        chromium.close()
 
 
 @pytest.fixture
-def page(browser, server_url: str) -> Iterator:
+def faceless_browser(playwright) -> Iterator:
+    """Headless Chromium with Chromium's own fake camera picture: a pattern, no face."""
+    chromium = _launch(playwright, [])
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+def open_page(browser, server_url: str):
     """A fresh page of the site; `page.problems` collects script and console errors."""
     context = browser.new_context(
         base_url=server_url, viewport={"width": 1200, "height": 900}, permissions=["camera"]
@@ -166,10 +183,27 @@ def page(browser, server_url: str) -> Iterator:
         if message.type == "error" else None,
     )
     page.problems = problems  # type: ignore[attr-defined]
+    return page
+
+
+@pytest.fixture
+def page(browser, server_url: str) -> Iterator:
+    """A page of the site in the browser with the astronaut camera."""
+    page = open_page(browser, server_url)
     try:
         yield page
     finally:
-        context.close()
+        page.context.close()
+
+
+@pytest.fixture
+def faceless_page(faceless_browser, server_url: str) -> Iterator:
+    """A page of the site in the browser whose camera shows no face."""
+    page = open_page(faceless_browser, server_url)
+    try:
+        yield page
+    finally:
+        page.context.close()
 
 
 @pytest.fixture(scope="session")

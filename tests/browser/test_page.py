@@ -57,6 +57,16 @@ def register_sample(server_url: str, photo: bytes) -> str:
     return str(response.json()["id"])
 
 
+def pick_avatar(page, avatar_id: str) -> None:
+    """Choose an avatar from the page's list of avatars on the server."""
+    page.wait_for_function(
+        "id => [...document.getElementById('existing').options].some(o => o.value === id)",
+        arg=avatar_id,
+    )
+    page.select_option("#existing", avatar_id)
+    page.wait_for_selector("#avatar-figure:not([hidden])")
+
+
 def script_errors(page) -> list[str]:
     return [p for p in page.problems if p.startswith("page error")]
 
@@ -112,7 +122,7 @@ def test_sample_photo_driven_by_recorded_track(page, server_url, artifacts):
     assert page.problems == []
 
 
-def test_webcam_drives_the_avatar(page, server_url, sample_photo):
+def test_webcam_drives_the_avatar(page, server_url, sample_photo, artifacts):
     avatar_id = register_sample(server_url, sample_photo)
     requests: list[dict[str, str]] = []
     sockets: list[str] = []
@@ -125,12 +135,7 @@ def test_webcam_drives_the_avatar(page, server_url, sample_photo):
     page.press("#api-key", "Enter")
 
     # pick the avatar registered over REST
-    page.wait_for_function(
-        "id => [...document.getElementById('existing').options].some(o => o.value === id)",
-        arg=avatar_id,
-    )
-    page.select_option("#existing", avatar_id)
-    page.wait_for_selector("#avatar-figure:not([hidden])")
+    pick_avatar(page, avatar_id)
 
     # the fake camera plays the astronaut: the server finds the face and renders
     page.check("input[name=driver][value=webcam]")
@@ -141,6 +146,9 @@ def test_webcam_drives_the_avatar(page, server_url, sample_photo):
     wait_frames(page, 5)
     assert page.is_hidden("#error"), page.inner_text("#error")
     assert canvas_pixels(page)[..., :3].std() > 5.0
+    screenshot = artifacts / "webcam.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
 
     assert sockets == [f"{server_url.replace('http', 'ws')}/avatars/{avatar_id}/stream"
                        f"?token={API_KEY}"]
@@ -151,15 +159,37 @@ def test_webcam_drives_the_avatar(page, server_url, sample_photo):
     assert script_errors(page) == []
 
 
+def test_webcam_without_a_face_warns_in_plain_words(faceless_page, server_url, sample_photo):
+    page = faceless_page
+    avatar_id = register_sample(server_url, sample_photo)
+    page.goto("/")
+    pick_avatar(page, avatar_id)
+
+    # Chromium's own fake camera shows a moving pattern: the server finds no face
+    page.check("input[name=driver][value=webcam]")
+    page.click("#start")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent"
+        ".startsWith('No face found in the webcam picture')",
+        timeout=FRAME_TIMEOUT_MS,
+    )
+    assert frames_shown(page) == 0
+    assert page.is_hidden("#error")
+    assert page.is_enabled("#stop")
+
+    # the stream goes on: the socket stays open and pictures keep going out
+    sent = page.evaluate("() => page.seq")
+    page.wait_for_function("n => page.seq > n + 5", arg=sent, timeout=FRAME_TIMEOUT_MS)
+    assert page.evaluate("() => page.socket.readyState === WebSocket.OPEN")
+    assert frames_shown(page) == 0
+    page.click("#stop")
+    assert script_errors(page) == []
+
+
 def test_deleted_avatar_closes_the_stream_in_plain_words(page, server_url, sample_photo):
     avatar_id = register_sample(server_url, sample_photo)
     page.goto("/")
-    page.wait_for_function(
-        "id => [...document.getElementById('existing').options].some(o => o.value === id)",
-        arg=avatar_id,
-    )
-    page.select_option("#existing", avatar_id)
-    page.wait_for_selector("#avatar-figure:not([hidden])")
+    pick_avatar(page, avatar_id)
     page.click("#start")
     wait_frames(page, 2)
 

@@ -45,6 +45,13 @@ const CLOSE_WORDS = {
   4429: "too many streams or messages for this key",
 };
 
+// plain words for the server's warning events (the stream goes on)
+const WARNING_WORDS = {
+  no_face: "No face found in the webcam picture",
+  face_too_small: "The face is too small in the webcam picture; come closer",
+  bad_image: "A webcam picture could not be read",
+};
+
 const $ = (id) => document.getElementById(id);
 
 const page = {
@@ -63,6 +70,8 @@ const page = {
   serverMs: [], // recent server totals, ms
   dropped: 0,
   stopping: false,
+  warned: false, // a warning is on show; the next frame clears it
+  mode: "track",
 };
 
 // ------------------------------------------------------------------ messages
@@ -367,13 +376,18 @@ function beginSending(mode) {
   if (page.timer !== null) {
     return;
   }
+  page.mode = mode;
   if (mode === "webcam") {
     page.timer = setInterval(sendCameraFrame, 1000 / CAMERA_FPS);
-    say("Streaming your webcam. Move your head!");
   } else {
     page.timer = setInterval(sendTrackPose, 1000 / (page.track.fps || 30));
-    say("Streaming the recorded head motion.");
   }
+  say(streamingText());
+}
+
+function streamingText() {
+  return page.mode === "webcam" ? "Streaming your webcam. Move your head!" :
+    "Streaming the recorded head motion.";
 }
 
 function canSend() {
@@ -434,7 +448,12 @@ function onEvent(message, mode) {
       page.dropped = message.dropped;
     }
   } else if (message.type === "warning") {
-    say(`Server: ${message.message || message.code}`);
+    const words = WARNING_WORDS[message.code] || "The server warns";
+    say(`${words}: ${message.message || message.code}`);
+    page.warned = true;
+    if (typeof message.seq === "number") {
+      page.sent.delete(message.seq); // no frame will come for it
+    }
   } else if (message.type === "error") {
     fail(`The server stopped the stream: ${message.message} (${message.code}).`);
   }
@@ -463,6 +482,10 @@ async function onFrame(buffer) {
   pushRecent(page.serverMs, frame.totalMs);
   page.arrivals.push(now);
   page.received += 1;
+  if (page.warned) {
+    page.warned = false;
+    say(streamingText());
+  }
 
   await draw(frame);
 }
@@ -577,6 +600,7 @@ function resetStats() {
   page.latencies = [];
   page.serverMs = [];
   page.dropped = 0;
+  page.warned = false;
   showStats();
 }
 
