@@ -16,7 +16,8 @@ from server.encode import MEDIA_TYPES, encode_frame
 from server.errors import ApiError, error_responses
 from server.motion import MotionMapper
 from server.protocol import ProtocolError, validate_points
-from server.routes.deps import Services, load_avatar
+from server.routes.deps import Owner, Services, check_owner, load_avatar
+from server.runtime.base import RuntimeFailure
 from server.schemas import (
     AvatarList,
     AvatarOut,
@@ -44,7 +45,7 @@ ImageUpload = Annotated[
         "image_too_large", "no_face", "face_too_small", "runtime_error", "not_ready",
     ),
 )
-async def register_avatar(services: Services, image: ImageUpload) -> AvatarOut:
+async def register_avatar(services: Services, owner: Owner, image: ImageUpload) -> AvatarOut:
     """Register an avatar from one portrait photo (multipart field `image`)."""
     metrics = services.metrics
     limit = services.settings.max_upload_bytes
@@ -52,7 +53,7 @@ async def register_avatar(services: Services, image: ImageUpload) -> AvatarOut:
     loop = asyncio.get_running_loop()
     try:
         avatar = await loop.run_in_executor(
-            services.registration_executor, services.registrar.register, data
+            services.registration_executor, services.registrar.register, data, owner
         )
     except ApiError as error:
         metrics.registrations.labels(outcome=error.code).inc()
@@ -63,9 +64,9 @@ async def register_avatar(services: Services, image: ImageUpload) -> AvatarOut:
 
 
 @router.get("", response_model=AvatarList, responses=error_responses("not_ready"))
-async def list_avatars(services: Services) -> AvatarList:
+async def list_avatars(services: Services, owner: Owner) -> AvatarList:
     """List every registered avatar, oldest first."""
-    metas = await asyncio.to_thread(services.store.list)
+    metas = await asyncio.to_thread(services.store.list, owner)
     return AvatarList(avatars=[AvatarOut.from_meta(meta) for meta in metas])
 
 
@@ -74,11 +75,12 @@ async def list_avatars(services: Services) -> AvatarList:
     response_model=AvatarOut,
     responses=error_responses("avatar_not_found", "not_ready"),
 )
-async def get_avatar(services: Services, avatar_id: str) -> AvatarOut:
+async def get_avatar(services: Services, owner: Owner, avatar_id: str) -> AvatarOut:
     """Read one avatar's metadata."""
     meta = await asyncio.to_thread(services.store.get_meta, avatar_id)
     if meta is None:
         raise ApiError("avatar_not_found", f"no avatar with id {avatar_id!r}")
+    check_owner(owner, meta.owner, avatar_id)
     return AvatarOut.from_meta(meta)
 
 
@@ -87,8 +89,11 @@ async def get_avatar(services: Services, avatar_id: str) -> AvatarOut:
     response_model=DeletedOut,
     responses=error_responses("avatar_not_found", "not_ready"),
 )
-async def delete_avatar(services: Services, avatar_id: str) -> DeletedOut:
+async def delete_avatar(services: Services, owner: Owner, avatar_id: str) -> DeletedOut:
     """Delete an avatar: its files, its index row, its cache entry; close its streams."""
+    meta = await asyncio.to_thread(services.store.get_meta, avatar_id)
+    if meta is not None:
+        check_owner(owner, meta.owner, avatar_id)
     closed = services.sessions.close_avatar(avatar_id)
     existed = await asyncio.to_thread(services.store.delete, avatar_id)
     if not existed:
@@ -108,13 +113,19 @@ async def delete_avatar(services: Services, avatar_id: str) -> DeletedOut:
 )
 async def preview_avatar(
     services: Services,
+    owner: Owner,
     avatar_id: str,
     format: Annotated[Literal["jpeg", "webp"], Query(description="Image format.")] = "jpeg",
     quality: Annotated[int, Query(ge=1, le=100, description="JPEG/WebP quality.")] = 90,
 ) -> Response:
     """Render the avatar in its own source pose."""
-    avatar = await load_avatar(services, avatar_id)
-    result = await services.batcher.render(avatar.source_pose, avatar.texture, avatar.params)
+    avatar = await load_avatar(services, avatar_id, owner)
+    try:
+        result = await services.batcher.render(
+            avatar.source_pose, avatar.texture, avatar.params
+        )
+    except RuntimeFailure as error:
+        raise ApiError("runtime_error", f"rendering failed: {error}") from None
     data = await asyncio.get_running_loop().run_in_executor(
         services.encode_executor, encode_frame, result.frame, format, quality
     )
@@ -130,7 +141,7 @@ async def preview_avatar(
     ),
 )
 async def render_frames(
-    services: Services, avatar_id: str, request: FramesRequest
+    services: Services, owner: Owner, avatar_id: str, request: FramesRequest
 ) -> FramesResponse:
     """Render the avatar in one or a few poses (JSON in, base64 frames out)."""
     started = time.perf_counter()
@@ -152,7 +163,7 @@ async def render_frames(
             raise ApiError("bad_pose", error.message) from None
         checked.append((points, pose.normalised))
 
-    avatar = await load_avatar(services, avatar_id)
+    avatar = await load_avatar(services, avatar_id, owner)
     motion = MotionMapper(request.motion, avatar.source_pose)
     poses = [motion(points, normalised) for points, normalised in checked]  # [136] each
 
@@ -162,7 +173,7 @@ async def render_frames(
             services.batcher.submit(pose, avatar.texture, avatar.params) for pose in poses
         ]
         results = await asyncio.gather(*futures)
-    except Exception as error:
+    except RuntimeFailure as error:
         raise ApiError("runtime_error", f"rendering failed: {error}") from None
 
     loop = asyncio.get_running_loop()

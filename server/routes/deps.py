@@ -23,11 +23,28 @@ def get_services(request: Request) -> AppServices:
 Services = Annotated[AppServices, Depends(get_services)]
 
 
-async def load_avatar(services: AppServices, avatar_id: str) -> Avatar:
+def current_owner() -> str | None:
+    """Who is asking: None while the server runs without API keys (everyone sees every
+    avatar). With keys, this returns the caller's key id and each route only shows that
+    key's avatars."""
+    return None
+
+
+Owner = Annotated[str | None, Depends(current_owner)]
+
+
+def check_owner(owner: str | None, avatar_owner: str | None, avatar_id: str) -> None:
+    """404 for another key's avatar, exactly as for an unknown one."""
+    if owner is not None and avatar_owner != owner:
+        raise ApiError("avatar_not_found", f"no avatar with id {avatar_id!r}")
+
+
+async def load_avatar(services: AppServices, avatar_id: str, owner: str | None) -> Avatar:
     """The avatar, ready to render; 404 when unknown, 409 when made by other weights."""
     avatar = await asyncio.to_thread(services.store.get, avatar_id)
     if avatar is None:
         raise ApiError("avatar_not_found", f"no avatar with id {avatar_id!r}")
+    check_owner(owner, avatar.meta.owner, avatar_id)
     check_compatible(services, avatar)
     return avatar
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, WebSocket
 from server.app import AppServices
 from server.errors import ApiError
 from server.protocol import ProtocolError, event
-from server.routes.deps import check_compatible
+from server.routes.deps import Owner, check_compatible, check_owner
 from server.session import StreamSession
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ router = APIRouter(tags=["stream"])
 
 
 @router.websocket("/avatars/{avatar_id}/stream")
-async def stream_avatar(websocket: WebSocket, avatar_id: str) -> None:
+async def stream_avatar(websocket: WebSocket, owner: Owner, avatar_id: str) -> None:
     """Stream poses in, rendered frames out (see docs/protocol.md)."""
     services: AppServices | None = websocket.app.state.services
     if services is None or not services.ready:
@@ -31,7 +31,11 @@ async def stream_avatar(websocket: WebSocket, avatar_id: str) -> None:
 
     session = StreamSession(websocket, avatar_id, services.stream)
     avatar = await asyncio.to_thread(services.store.get, avatar_id)
-    if avatar is None:
+    try:
+        if avatar is None:
+            raise ApiError("avatar_not_found", avatar_id)
+        check_owner(owner, avatar.meta.owner, avatar_id)
+    except ApiError:
         await session.refuse(ProtocolError(
             "unknown_avatar", f"expected a registered avatar id, got {avatar_id!r}"
         ))
