@@ -112,6 +112,14 @@ def test_sample_photo_driven_by_recorded_track(page, server_url, artifacts):
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshot: {screenshot}")
 
+    # switch motion and re-centre while streaming: the stream goes on
+    page.select_option("#motion", "absolute")
+    assert page.is_disabled("#recentre")
+    page.select_option("#motion", "relative")
+    page.click("#recentre")
+    assert page.inner_text("#status").startswith("Re-centred")
+    wait_frames(page, frames_shown(page) + 5)
+
     # stop: a normal close, no error shown
     page.click("#stop")
     page.wait_for_function(

@@ -38,10 +38,13 @@ const CLOSE_WORDS = {
   1009: "a message was too big for the server",
   1011: "the server failed while rendering",
   1012: "the server is restarting; try again in a moment",
+  1013: "the server is starting or stopping; try again in a moment",
   4400: "the server did not accept the stream settings",
   4401: "the server needs a valid API key",
   4403: "this API key may not use that avatar",
   4404: "the avatar does not exist on the server (was it deleted?)",
+  4409: "the avatar was made with other weights than the server runs now; register " +
+    "its photo again",
   4429: "too many streams or messages for this key",
 };
 
@@ -377,6 +380,7 @@ function beginSending(mode) {
     return;
   }
   page.mode = mode;
+  $("recentre").disabled = $("motion").value !== "relative";
   if (mode === "webcam") {
     page.timer = setInterval(sendCameraFrame, 1000 / CAMERA_FPS);
   } else {
@@ -388,6 +392,24 @@ function beginSending(mode) {
 function streamingText() {
   return page.mode === "webcam" ? "Streaming your webcam. Move your head!" :
     "Streaming the recorded head motion.";
+}
+
+function recentre() {
+  // relative motion: the next driver pose becomes the reference again
+  if (page.socket !== null && page.socket.readyState === WebSocket.OPEN) {
+    page.socket.send(JSON.stringify({ type: "reset" }));
+    say("Re-centred: the avatar follows your movement from here.");
+  }
+}
+
+function changeMotion() {
+  // a running stream switches at once (the server answers with a new ready event)
+  const motion = $("motion").value;
+  if (page.socket !== null && page.socket.readyState === WebSocket.OPEN) {
+    page.socket.send(JSON.stringify({ type: "config", motion }));
+    $("recentre").disabled = motion !== "relative";
+    say(`Motion is now ${motion}.`);
+  }
 }
 
 function canSend() {
@@ -575,6 +597,7 @@ function stop() {
     $("camera-figure").hidden = true;
   }
   $("stop").disabled = page.socket === null;
+  $("recentre").disabled = true;
   $("start").disabled = page.socket !== null || !page.avatarId;
 }
 
@@ -640,6 +663,8 @@ function init() {
   $("existing").addEventListener("change", (event) => useExisting(event.target.value));
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", stop);
+  $("recentre").addEventListener("click", recentre);
+  $("motion").addEventListener("change", changeMotion);
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     checkServer();
