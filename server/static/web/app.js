@@ -40,12 +40,9 @@ const CLOSE_WORDS = {
   1012: "the server is restarting; try again in a moment",
   1013: "the server is starting or stopping; try again in a moment",
   4400: "the server did not accept the stream settings",
-  4401: "the server needs a valid API key",
-  4403: "this API key may not use that avatar",
   4404: "the avatar does not exist on the server (was it deleted?)",
   4409: "the avatar was made with other weights than the server runs now; register " +
     "its photo again",
-  4429: "too many streams or messages for this key",
 };
 
 // plain words for the server's warning events (the stream goes on)
@@ -133,7 +130,7 @@ async function checkServer() {
     $("server-state").textContent =
       `Server ready: ${weights.preset || "?"} model, ${weights.image_size || "?"} px, ` +
       `${trained}.`;
-    if (body.api_keys || body.auth_required) {
+    if (body.api_keys === true) {
       $("api-key").required = true;
       $("api-key-help").textContent = "This server needs an API key.";
     }
