@@ -136,12 +136,22 @@ class BilayerModel(nn.Module):
     # Verbs
 
     def embed(self, image: Tensor, stickman: Tensor, mask: Tensor | None) -> list[Tensor]:
-        """Source image (background at -1 when a mask is given) || stickman -> embeddings."""
+        """Source frames -> embeddings [B, E_j, e, e], averaged over N sources if given.
+
+        image, stickman: [B, 3, S, S] or [B, N, 3, S, S]; mask: [B, (N,) 1, S, S] or None.
+        The background is set to -1 where a mask is given.
+        """
         self._check_image("image", image)
         self._check_image("stickman", stickman)
         if mask is not None:
             image = mask_background(image, mask)
-        return self.embedder(image, stickman)
+
+        if image.dim() == 4:
+            return self.embedder(image, stickman)
+
+        b, n = image.shape[:2]
+        embeddings = self.embedder(image.flatten(0, 1), stickman.flatten(0, 1))
+        return [x.reshape(b, n, *x.shape[1:]).mean(dim=1) for x in embeddings]
 
     def register(
         self,
@@ -151,19 +161,14 @@ class BilayerModel(nn.Module):
         mask: Tensor | None = None,
         enhance: bool = True,
     ) -> AvatarState:
-        """Compute the avatar state from one source frame per avatar.
+        """Compute the avatar state of each row.
 
         image, stickman: [B, 3, S, S] in [-1, 1]; pose: [B, 136]; mask: [B, 1, S, S] in
-        [0, 1] or None (then the Enhancer uses the predicted source mask).
+        [0, 1] or None (then the Enhancer uses the predicted source mask). Several
+        source frames per avatar may come as [B, N, ...] (and pose [B, N, 136]): their
+        embeddings are averaged and the Enhancer fits the first of them.
         """
-        embeddings = self.embed(image, stickman, mask)
-        texture = self.texture_generator(self.texture_projector(embeddings))  # [B, 3, S, S]
-        params = self.inference_projector(embeddings)  # [B, P]
-
-        if enhance and self.enhancer.steps > 0:
-            texture = self.enhance_texture(texture, params, image, pose, mask)
-
-        return AvatarState(texture=texture, params=params)
+        return self._register(image, stickman, pose, mask, enhance)[0]
 
     def enhance_texture(
         self,
@@ -192,12 +197,9 @@ class BilayerModel(nn.Module):
         enhance: bool = False,
     ) -> TrainOutput:
         """Training pass: register on the source frame, render the target pose."""
-        embeddings = self.embed(source_image, source_stickman, source_mask)
-        texture = self.texture_generator(self.texture_projector(embeddings))
-        params = self.inference_projector(embeddings)
-        if enhance and self.enhancer.steps > 0:
-            texture = self.enhance_texture(texture, params, source_image, source_pose, source_mask)
-        state = AvatarState(texture=texture, params=params)
+        state, embeddings = self._register(
+            source_image, source_stickman, source_pose, source_mask, enhance
+        )
 
         target = self._render(state, target_pose, detach_mask=True)
         mask = target.mask.detach()
@@ -206,6 +208,26 @@ class BilayerModel(nn.Module):
 
     # ------------------------------------------------------------------------------------
     # Internals
+
+    def _register(
+        self,
+        image: Tensor,
+        stickman: Tensor,
+        pose: Tensor,
+        mask: Tensor | None,
+        enhance: bool,
+    ) -> tuple[AvatarState, list[Tensor]]:
+        embeddings = self.embed(image, stickman, mask)
+        texture = self.texture_generator(self.texture_projector(embeddings))  # [B, 3, S, S]
+        params = self.inference_projector(embeddings)  # [B, P]
+
+        if enhance and self.enhancer.steps > 0:
+            if image.dim() == 5:  # several sources: the Enhancer fits the first
+                image, pose = image[:, 0], pose[:, 0]
+                mask = None if mask is None else mask[:, 0]
+            texture = self.enhance_texture(texture, params, image, pose, mask)
+
+        return AvatarState(texture=texture, params=params), embeddings
 
     def _render(self, state: AvatarState, poses: Tensor, detach_mask: bool) -> RenderOutput:
         if poses.dim() != 2 or poses.shape[1] != 136:
@@ -224,9 +246,10 @@ class BilayerModel(nn.Module):
 
     def _check_image(self, name: str, image: Tensor) -> None:
         size = self.cfg.image_size
-        if image.dim() != 4 or tuple(image.shape[1:]) != (3, size, size):
+        if image.dim() not in (4, 5) or tuple(image.shape[-3:]) != (3, size, size):
             raise ValueError(
-                f"{name}: expected [B, 3, {size}, {size}], received {list(image.shape)}"
+                f"{name}: expected [B, 3, {size}, {size}] or [B, N, 3, {size}, {size}], "
+                f"received {list(image.shape)}"
             )
 
 

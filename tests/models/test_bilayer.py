@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from models.bilayer import AvatarState, BilayerModel, mask_background
 from models.config import get_config
 from models.layers import bilinear_sample_adjoint
+from tests.models import tiny_config
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -121,9 +121,26 @@ def test_register_without_a_mask(model: BilayerModel) -> None:
     assert torch.isfinite(frame).all()
 
 
+def test_several_sources_average_their_embeddings(model: BilayerModel) -> None:
+    image, stickman, pose, mask = _sources(4, seed=8)
+    # two avatars with two source frames each: [B=2, N=2, ...]
+    stacked = [x.reshape(2, 2, *x.shape[1:]) for x in (image, stickman, pose, mask)]
+    with torch.no_grad():
+        together = model.embed(stacked[0], stacked[1], stacked[3])
+        apart = model.embed(image, stickman, mask)
+        state = model.register(*stacked, enhance=False)
+        expected = model.inference_projector(together)
+
+    for joint, single in zip(together, apart, strict=True):
+        mean = single.reshape(2, 2, *single.shape[1:]).mean(dim=1)
+        torch.testing.assert_close(joint, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state.params, expected)
+
+
 def test_bad_inputs_name_expected_and_received(model: BilayerModel) -> None:
     image, stickman, pose, mask = _sources(1, seed=5)
-    with pytest.raises(ValueError, match=r"image: expected \[B, 3, 128, 128\], received"):
+    expected = r"image: expected \[B, 3, 128, 128\] or .*, received \[1, 3, 64, 128\]"
+    with pytest.raises(ValueError, match=expected):
         model.register(image[:, :, :64], stickman, pose, mask)
     state = AvatarState(torch.zeros(1, 3, S, S), torch.zeros(1, model.param_count))
     with pytest.raises(ValueError, match=r"poses: expected \[B, 136\], received \[1, 68\]"):
@@ -133,13 +150,17 @@ def test_bad_inputs_name_expected_and_received(model: BilayerModel) -> None:
 
 
 def test_training_pass_reaches_every_generator_parameter() -> None:
-    cfg = dataclasses.replace(CFG, enhancer_steps=1)
+    cfg = tiny_config()
+    size = cfg.image_size
     torch.manual_seed(6)
     model = BilayerModel(cfg, spectral_norm=True).train()
-    image, stickman, pose, mask = _sources(2, seed=6)
+    image, stickman, pose, mask = (
+        torch.nn.functional.interpolate(x, size=size) if x.dim() == 4 else x
+        for x in _sources(2, seed=6)
+    )
 
     out = model(image, stickman, pose, pose.flip(0), mask, enhance=True)
-    assert out.target.frame.shape == out.frame_lf_detached.shape == (2, 3, S, S)
+    assert out.target.frame.shape == out.frame_lf_detached.shape == (2, 3, size, size)
     assert len(out.embeddings) == 6
 
     loss = out.target.frame.square().mean() + out.target.mask_logit.square().mean()

@@ -23,6 +23,7 @@ from models.layers import (
     identity_grid,
 )
 from models.networks import Discriminator, split_params
+from tests.models import tiny_config
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -211,7 +212,7 @@ def test_spade_norm_modulates_per_pixel_and_per_avatar() -> None:
 
 
 def test_removing_spectral_norm_keeps_eval_outputs() -> None:
-    cfg = get_config("small")
+    cfg = tiny_config()
     s = cfg.image_size
     torch.manual_seed(5)
     model = BilayerModel(cfg, spectral_norm=True)
