@@ -97,7 +97,9 @@ class ModelConfig:
                 f"unknown ModelConfig keys: {unknown}; expected a subset of {sorted(known)}"
             )
 
-        values = {key: tuple(v) if isinstance(v, list) else v for key, v in data.items()}
+        values: dict[str, Any] = {
+            key: tuple(v) if isinstance(v, list) else v for key, v in data.items()
+        }
         return cls(**values)
 
 
