@@ -140,16 +140,23 @@ def _batches(dataset: Any, count: int, batch_size: int) -> Iterator[dict[str, Te
 
 
 def _image_scores(
-    scores: Scores, frames: np.ndarray, targets: np.ndarray, pipeline: Any, driving: np.ndarray
+    scores: Scores,
+    frames: np.ndarray,
+    targets: np.ndarray | None,
+    pipeline: Any,
+    driving: np.ndarray,
 ) -> None:
+    """Append PSNR and SSIM against `targets` (when given) and the pose error."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     for index in range(frames.shape[0]):
-        frame, target = frames[index], targets[index]
-        scores.psnr.append(float(peak_signal_noise_ratio(target, frame, data_range=255)))
-        scores.ssim.append(
-            float(structural_similarity(target, frame, channel_axis=2, data_range=255))
-        )
+        frame = frames[index]
+        if targets is not None:
+            target = targets[index]
+            scores.psnr.append(float(peak_signal_noise_ratio(target, frame, data_range=255)))
+            scores.ssim.append(
+                float(structural_similarity(target, frame, channel_axis=2, data_range=255))
+            )
         error = pose_error(pipeline, frame, driving[index])
         scores.pose_error.append(error)
         scores.detected.append(bool(np.isfinite(error)))
@@ -192,7 +199,7 @@ def evaluate(
             )  # [B, 68, 2]
             _image_scores(methods["model"], frames, targets, pipeline, driving)
             _image_scores(methods["baseline"], sources, targets, pipeline, driving)
-            _image_scores(methods["target"], targets, targets, pipeline, driving)
+            _image_scores(methods["target"], targets, None, pipeline, driving)
 
     report: dict[str, Any] = {name: scores.summary() for name, scores in methods.items()}
     report["target"] = {
@@ -250,4 +257,52 @@ def example_grid(
             for row in range(len(items))]
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(out_png)
+    return out_png
+
+
+def plot_training_curves(metrics_files: list[Path], out_png: Path, smooth: int = 5) -> Path:
+    """Plot the named loss terms of one or more runs' metrics.jsonl (steps continue
+    across files, e.g. the base stage then the enhancer stage) into one PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records: list[dict[str, float]] = []
+    for path in metrics_files:
+        offset = records[-1]["step"] if records else 0
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            record["step"] += offset
+            records.append(record)
+    names = sorted({key for record in records for key in record if key.startswith("loss/")})
+    names = [name for name in names if not name.endswith("/total")]
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name in names:
+        steps = [r["step"] for r in records if name in r]
+        values = np.array([r[name] for r in records if name in r])
+        if len(values) >= smooth > 1:
+            values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
+            steps = steps[smooth - 1 :]
+        axis = axes[1] if name.startswith("loss/D/") or name == "loss/G/adv" else axes[0]
+        axis.plot(steps, values, label=name, linewidth=1.2)
+    for axis, title in zip(axes, ("reconstruction terms", "adversarial terms"), strict=True):
+        axis.set_xlabel("generator step")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    if len(metrics_files) > 1:
+        boundary = sum(1 for _ in Path(metrics_files[0]).read_text().splitlines())
+        if boundary:
+            first_stage_end = records[boundary - 1]["step"]
+            for axis in axes:
+                axis.axvline(first_stage_end, color="grey", linestyle="--", linewidth=0.8)
+    figure.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=110)
+    plt.close(figure)
     return out_png

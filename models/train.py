@@ -73,6 +73,8 @@ class TrainOptions:
     # Override of the preset's discriminator widths (6 values): the preset's full-width
     # discriminator dominates the cost of a CPU run. Saved in the checkpoint's config.
     disc_channels: tuple[int, ...] | None = None
+    # Stage base: train the Texture Enhancer jointly instead of in a second stage.
+    enhance_in_base: bool = False
     weights: losses.LossWeights = field(default_factory=losses.LossWeights)
     vgg19_weights: Path | None = None
     vggface_weights: Path | None = None
@@ -355,6 +357,8 @@ class Trainer:
         # Optimisers: the enhancer stage trains only the enhancer.
         if options.stage == "enhancer":
             trained = list(self.generator.enhancer.parameters())
+        elif options.enhance_in_base:
+            trained = list(self.generator.parameters())
         else:
             trained = [
                 parameter
@@ -442,7 +446,7 @@ class Trainer:
 
     def generate(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Register the source, render the target pose; what the losses need."""
-        enhance = self.options.stage == "enhancer"
+        enhance = self.options.stage == "enhancer" or self.options.enhance_in_base
         with self._autocast():
             out = self.generator(
                 batch["source_image"],

@@ -54,6 +54,10 @@ def train_command(
         str | None,
         typer.Option(help="Override the preset's discriminator widths, e.g. 8,16,32,64,64,64."),
     ] = None,
+    enhance_in_base: Annotated[
+        bool,
+        typer.Option(help="Stage base: train the Texture Enhancer jointly (one stage)."),
+    ] = False,
     frame_l1: Annotated[
         float,
         typer.Option(help="Weight of the L1 on the LF-detached frame (0: the paper's recipe)."),
@@ -106,6 +110,7 @@ def train_command(
         k_disc=k_disc,
         adversarial=cast(Any, adversarial),
         disc_channels=_parse_channels(disc_channels),
+        enhance_in_base=enhance_in_base,
         weights=LossWeights(frame_l1=frame_l1),
         vgg19_weights=vgg19,
         vggface_weights=vggface,
