@@ -57,7 +57,7 @@ def serve_command(
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
+    from server.app import StartupError, create_app, load_weights
     from server.settings import Settings
 
     flags: dict[str, Any] = {
@@ -72,6 +72,12 @@ def serve_command(
             where = ".".join(str(part) for part in item["loc"]) or "settings"
             typer.echo(f"error: {where}: {item['msg']}", err=True)
         raise typer.Exit(2) from None
+
+    # the weights are checked before uvicorn starts: a clear message, no traceback
+    try:
+        load_weights(settings)
+    except StartupError as error:
+        raise _fail(str(error), code=2) from None
 
     uvicorn.run(
         create_app(settings),

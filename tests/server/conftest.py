@@ -78,6 +78,7 @@ def start_server(settings: Settings) -> RunningServer:
         create_app(settings),
         log_level="warning",
         ws_max_size=settings.ws_max_message_bytes,
+        ws_per_message_deflate=False,  # as `avatar serve` runs it
         lifespan="on",
     )
     server = uvicorn.Server(config)
