@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import simplejpeg
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from models.pose import FaceLandmarks, PoseError
 from server.batcher import FrameBatcher
@@ -259,7 +259,6 @@ class StreamSession:
         registry = self.services.registry
         registry.add(self)
         self.services.metrics.sessions_open.inc()
-        attached = False
 
         tasks: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._read()),
@@ -271,8 +270,7 @@ class StreamSession:
         try:
             # the worker and the sender idle until hello; attach to the batcher then
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finished = next(iter(done))
-            error = self._outcome(finished)
+            error = next((e for e in map(self._outcome, done) if e is not None), None)
         finally:
             for task in tasks:
                 task.cancel()
@@ -300,7 +298,7 @@ class StreamSession:
         failure = finished.exception()
         if finished is self._closing:
             return finished.result().error
-        if failure is None or isinstance(failure, ConnectionClosed):
+        if failure is None or isinstance(failure, CLIENT_GONE):
             return None
         if isinstance(failure, ProtocolError):
             return failure
@@ -527,6 +525,10 @@ class ConnectionClosed(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(f"connection closed with code {code}")
         self.code = code
+
+
+# what a task raises when the client has gone: nothing left to tell it
+CLIENT_GONE = (ConnectionClosed, WebSocketDisconnect, OSError)
 
 
 class SessionRegistry:
