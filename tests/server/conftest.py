@@ -50,7 +50,7 @@ def require_bundle() -> Path:
     return BUNDLE
 
 
-def test_settings(data_dir: Path, **overrides: object) -> Settings:
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for tests: the demo bundle, a private data folder, a quick warm-up."""
     values: dict[str, object] = {
         "data_dir": data_dir,
@@ -98,13 +98,10 @@ def start_server(settings: Settings) -> RunningServer:
     return RunningServer(f"http://127.0.0.1:{port}", settings, server, thread)
 
 
-test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """One server shared by the REST and stream tests."""
-    running = start_server(test_settings(tmp_path_factory.mktemp("data")))
+    running = start_server(make_settings(tmp_path_factory.mktemp("data")))
     yield running
     running.stop()
 

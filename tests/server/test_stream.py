@@ -18,7 +18,7 @@ from server.client import AsyncAvatarClient, AvatarClient, StreamClosed, decode_
 from server.encode import decode_frame
 from server.protocol import POSE_MESSAGE_SIZE, FrameMessage, pack_camera, pack_pose
 
-from .conftest import SAMPLE, RunningServer, start_server, test_settings
+from .conftest import SAMPLE, RunningServer, make_settings, start_server
 
 
 def source_pose(avatar: dict) -> np.ndarray:
@@ -297,7 +297,7 @@ def test_deleting_an_avatar_closes_its_streams(client: AvatarClient) -> None:
 
 def test_restart_keeps_avatars(tmp_path) -> None:
     """Register on one server, stop it, start a new one on the same data folder."""
-    first = start_server(test_settings(tmp_path, max_batch=1, warmup=False))
+    first = start_server(make_settings(tmp_path, max_batch=1, warmup=False))
     try:
         with AvatarClient(first.url) as client:
             avatar = client.register(SAMPLE)
@@ -306,7 +306,7 @@ def test_restart_keeps_avatars(tmp_path) -> None:
     finally:
         first.stop()
 
-    second = start_server(test_settings(tmp_path, max_batch=1, warmup=False))
+    second = start_server(make_settings(tmp_path, max_batch=1, warmup=False))
     try:
         with AvatarClient(second.url) as client:
             assert [a["id"] for a in client.list_avatars()] == [avatar["id"]]
