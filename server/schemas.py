@@ -20,8 +20,8 @@ class CropOut(BaseModel):
 class PhotoOut(BaseModel):
     """Size of the uploaded photo."""
 
-    width: int
-    height: int
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
 
 
 class AvatarOut(BaseModel):
@@ -37,8 +37,8 @@ class AvatarOut(BaseModel):
         "normalised to [-1, 1] in the crop.",
         min_length=136, max_length=136,
     )
-    crop: CropOut
-    photo: PhotoOut
+    crop: CropOut = Field(description="The face crop the avatar was made from.")
+    photo: PhotoOut = Field(description="Size of the uploaded photo.")
     num_faces: int = Field(description="Faces found in the photo; the largest was used.")
     timings_ms: dict[str, float] = Field(
         description="Registration stages in ms: decode, landmarks, register (and, in the "
@@ -64,14 +64,14 @@ class AvatarOut(BaseModel):
 class AvatarList(BaseModel):
     """Every avatar, oldest first."""
 
-    avatars: list[AvatarOut]
+    avatars: list[AvatarOut] = Field(description="The avatars, oldest first.")
 
 
 class DeletedOut(BaseModel):
     """Result of a delete."""
 
-    id: str
-    deleted: bool = True
+    id: str = Field(description="The deleted avatar's id.")
+    deleted: bool = Field(default=True, description="Always true on success.")
     streams_closed: int = Field(description="Open streams of the avatar that were closed.")
 
 
@@ -113,24 +113,24 @@ class FrameOut(BaseModel):
 class FramesResponse(BaseModel):
     """Rendered frames, one per pose, in request order."""
 
-    format: Literal["jpeg", "webp", "raw"]
-    width: int
-    height: int
-    frames: list[FrameOut]
+    format: Literal["jpeg", "webp", "raw"] = Field(description="Encoding of every frame.")
+    width: int = Field(description="Frame width in pixels.")
+    height: int = Field(description="Frame height in pixels.")
+    frames: list[FrameOut] = Field(description="One frame per pose, in request order.")
     total_ms: float = Field(description="Server time for the whole request.")
 
 
 class HealthOut(BaseModel):
     """Liveness."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field(default="ok", description="Always ok.")
 
 
 class RuntimeOut(BaseModel):
     """The frame runtime in use."""
 
-    name: str
-    precision: str
+    name: str = Field(description="e.g. onnxruntime-cpu, tensorrt, torch-cpu.")
+    precision: str = Field(description="fp32, fp16, bf16 or int8.")
     max_batch: int = Field(description="Largest batch the runtime was built for.")
     batch: int = Field(description="Largest batch the batcher forms.")
     ms_per_frame: dict[str, float] = Field(
@@ -142,21 +142,24 @@ class RuntimeOut(BaseModel):
 class WeightsOut(BaseModel):
     """The weights the server runs."""
 
-    preset: str
-    image_size: int
-    param_count: int
-    checkpoint_sha256: str
-    frame_graph_sha256: str
+    preset: str = Field(description="Model preset: paper or small.")
+    image_size: int = Field(description="Frame size in pixels.")
+    param_count: int = Field(description="Per-avatar Inference Generator parameters.")
+    checkpoint_sha256: str = Field(description="SHA-256 of the bundle's checkpoint.")
+    frame_graph_sha256: str = Field(description="SHA-256 of the per-frame ONNX graph.")
     trained: bool = Field(description="False: demo weights (random or briefly trained).")
-    directory: str
+    directory: str = Field(description="The bundle folder.")
 
 
 class ReadyOut(BaseModel):
     """Readiness: runtimes loaded and warmed, store open."""
 
-    ready: bool
-    runtime: RuntimeOut | None = None
-    weights: WeightsOut | None = None
-    store: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    ready: bool = Field(description="True once runtimes are loaded and warmed.")
+    runtime: RuntimeOut | None = Field(default=None, description="The frame runtime.")
+    weights: WeightsOut | None = Field(default=None, description="The weights it runs.")
+    store: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description="Store kind and counts: avatars, corrupt (skipped), cached.",
+    )
     streams: int = Field(default=0, description="WebSocket streams open.")
-    uptime_s: float = 0.0
+    uptime_s: float = Field(default=0.0, description="Seconds since start-up finished.")

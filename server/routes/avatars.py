@@ -73,7 +73,7 @@ async def list_avatars(services: Services, owner: Owner) -> AvatarList:
 @router.get(
     "/{avatar_id}",
     response_model=AvatarOut,
-    responses=error_responses("avatar_not_found", "not_ready"),
+    responses=error_responses("avatar_not_found", "invalid_request", "not_ready"),
 )
 async def get_avatar(services: Services, owner: Owner, avatar_id: str) -> AvatarOut:
     """Read one avatar's metadata."""
@@ -87,7 +87,7 @@ async def get_avatar(services: Services, owner: Owner, avatar_id: str) -> Avatar
 @router.delete(
     "/{avatar_id}",
     response_model=DeletedOut,
-    responses=error_responses("avatar_not_found", "not_ready"),
+    responses=error_responses("avatar_not_found", "invalid_request", "not_ready"),
 )
 async def delete_avatar(services: Services, owner: Owner, avatar_id: str) -> DeletedOut:
     """Delete an avatar: its files, its index row, its cache entry; close its streams."""
