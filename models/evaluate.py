@@ -23,12 +23,14 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from models.bilayer import BilayerModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def default_paths(checkpoint: Path | None, data: Path | None) -> tuple[Path, Pat
     return checkpoint_path, data_path
 
 
-def load_model(path: Path, device: str = "cpu") -> nn.Module:
+def load_model(path: Path, device: str = "cpu") -> BilayerModel:
     """An eval-mode `BilayerModel` from a training or bundle checkpoint."""
     from models.bilayer import load_bilayer
     from models.config import ModelConfig
@@ -234,7 +236,7 @@ def example_grid(
     picks = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int)
     items = [dataset[int(index)] for index in picks]
     batch = {
-        key: torch.stack([item[key] for item in items])
+        key: torch.stack([cast(Tensor, item[key]) for item in items])
         for key in items[0]
         if isinstance(items[0][key], Tensor)
     }
@@ -253,8 +255,8 @@ def example_grid(
         frames,
         composite(batch["target_image"], batch["target_mask"]),
     ]
-    rows = [np.concatenate([to_uint8(column)[row] for column in columns], axis=1)
-            for row in range(len(items))]
+    tiles = [to_uint8(column) for column in columns]  # each [B, H, W, 3]
+    rows = [np.concatenate([tile[row] for tile in tiles], axis=1) for row in range(len(items))]
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(out_png)
     return out_png

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +198,8 @@ class VGGFeatures(nn.Module):
         x = (image + 1) / 2  # [B, 3, H, W] in [0, 1]
         if self.bgr:
             x = x.flip(1)
-        x = (x - self.mean) / self.std
+        mean, std = cast(Tensor, self.mean), cast(Tensor, self.std)
+        x = (x - mean) / std
         taps: list[Tensor] = []
         for index, layer in enumerate(self.features):
             x = layer(x)

@@ -22,14 +22,17 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models import gan, losses
+from models.bilayer import BilayerModel
 from models.config import ModelConfig, get_config
+from models.layers import apply_spectral_norm
+from models.networks import Discriminator
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +106,10 @@ class TrainOptions:
 # ---------------------------------------------------------------------------------------
 
 
-def build_networks(cfg: ModelConfig, spectral_norm: bool = True) -> tuple[nn.Module, nn.Module]:
+def build_networks(
+    cfg: ModelConfig, spectral_norm: bool = True
+) -> tuple[BilayerModel, Discriminator]:
     """The generator (`BilayerModel`) and the Discriminator, spectral norm on for training."""
-    from models.bilayer import BilayerModel
-    from models.layers import apply_spectral_norm
-    from models.networks import Discriminator
 
     generator = BilayerModel(cfg, spectral_norm=spectral_norm)
     discriminator = Discriminator(cfg)
@@ -281,7 +283,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_generator(path: Path, device: str = "cpu") -> nn.Module:
+def load_generator(path: Path, device: str = "cpu") -> BilayerModel:
     """A `BilayerModel` from a checkpoint, in eval mode with spectral norm removed."""
     from models.evaluate import load_model
 
@@ -366,9 +368,11 @@ class Trainer:
                 if not name.startswith("enhancer.")
             ]
         self.trained_parameters = trained
-        adam = {"lr": options.lr, "betas": options.betas, "eps": options.eps}
-        self.optim_g = torch.optim.Adam(trained, **adam)
-        self.optim_d = torch.optim.Adam(self.discriminator.parameters(), **adam)
+        lr, betas, eps = options.lr, options.betas, options.eps
+        self.optim_g = torch.optim.Adam(trained, lr=lr, betas=betas, eps=eps)
+        self.optim_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=lr, betas=betas, eps=eps
+        )
 
         # Mixed precision on CUDA only: bf16 where supported, else fp16 with a scaler.
         self.amp_dtype: torch.dtype | None = None
@@ -391,7 +395,7 @@ class Trainer:
         self.step = 0
         self.elapsed_before = 0.0
         self.started = time.monotonic()
-        self.identity = self.generator.identity_grid  # [1, H, W, 2]
+        self.identity = cast(Tensor, self.generator.identity_grid)  # [1, H, W, 2]
         if resume_payload is not None:
             self._restore(resume_payload)
         elif base_payload is not None:

@@ -135,44 +135,57 @@ def train_command(
 
 def train_dcgan_command(
     image_dir: Annotated[
-        Path, typer.Argument(help="Folder of training images (any size; resized).", exists=True)
+        Path,
+        typer.Argument(help="Folder of training images (any size; resized).", exists=True),
     ],
     out: Annotated[Path, typer.Option(help="Run folder: sample grids, checkpoint.")] = Path(
         "runs/dcgan"
     ),
-    steps: Annotated[int, typer.Option(help="Generator steps.")] = 2000,
+    steps: Annotated[int, typer.Option(help="Generator steps.")] = 5000,
     batch: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    image_size: Annotated[int, typer.Option(help="Side of the generated images.")] = 64,
     k_disc: Annotated[int, typer.Option(help="Discriminator steps per generator step.")] = 1,
     loss: Annotated[
         str, typer.Option(help="minimax, non_saturating, hinge or rahinge.")
     ] = "non_saturating",
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    width: Annotated[int, typer.Option(help="Channels at 32x32 (64 in the DCGAN paper).")] = 64,
+    sample_every: Annotated[int, typer.Option(help="Write a sample grid every N steps.")] = 500,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Train the DCGAN reference with alternating k-D / 1-G updates; writes sample grids."""
-    import inspect
+    from models import dcgan, gan
 
-    from models import dcgan
-
-    wanted = {
-        "image_dir": image_dir,
-        "out_dir": out,
-        "steps": steps,
-        "batch_size": batch,
-        "image_size": image_size,
-        "k_disc": k_disc,
-        "loss": loss,
-        "device": device,
-        "seed": seed,
+    if loss not in gan.ADVERSARIAL_LOSSES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(gan.ADVERSARIAL_LOSSES)}, got {loss!r}",
+            param_hint="--loss",
+        )
+    result = dcgan.train_dcgan(
+        image_dir,
+        out,
+        steps=steps,
+        batch_size=batch,
+        k_disc=k_disc,
+        device=device,
+        seed=seed,
+        sample_every=sample_every,
+        config=dcgan.DcganConfig(width=width),
+        loss=cast(Any, loss),
+        lr=lr,
+        progress=not json_output,
+    )
+    summary = {
+        "checkpoint": str(result.checkpoint),
+        "samples": [str(path) for path in result.samples],
+        "steps": result.steps,
+        "stats": result.stats,
     }
-    accepted = inspect.signature(dcgan.train_dcgan).parameters
-    result = dcgan.train_dcgan(**{key: value for key, value in wanted.items() if key in accepted})
     if json_output:
-        typer.echo(json.dumps(result if isinstance(result, dict) else {"out": str(out)}))
+        typer.echo(json.dumps(summary))
     else:
-        typer.echo(f"done: sample grids in {out}")
+        typer.echo(f"done: {result.steps} steps, samples in {out}, checkpoint {result.checkpoint}")
 
 
 def eval_command(
