@@ -71,7 +71,7 @@ def _as_group_default(function: Callable[..., Any]) -> Callable[..., Any]:
         if ctx.invoked_subcommand is None:
             function(**options)
 
-    signature = inspect.signature(function)
+    signature = inspect.signature(function, eval_str=True)  # typer reads the Annotated metadata
     context = inspect.Parameter(
         "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
     )
