@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SERVE_VENV := .venv-serve
 
-.PHONY: serve test test-all lint clean
+.PHONY: serve test test-all lint clean docker-smoke
 
 # Serving install: no PyTorch.
 $(SERVE_VENV)/.installed: pyproject.toml
@@ -35,3 +35,9 @@ test-all: lint
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The compose stack built and run for real: Docker engine and Compose v2 installed if
+# missing, stand-in base images where no registry answers, the CPU image, two replicas
+# behind the front, 60 streamed frames checked, a restart. Needs root; docs/deployment.md.
+docker-smoke: $(VENV)/.installed
+	SMOKE_PYTHON=$(abspath $(PY)) bash deploy/smoke.sh

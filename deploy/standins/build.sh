@@ -140,7 +140,12 @@ build_rootfs() {
         return
     fi
 
-    command -v debootstrap >/dev/null || die "debootstrap missing (apt-get install debootstrap)"
+    if ! command -v debootstrap >/dev/null; then
+        command -v apt-get >/dev/null || die "debootstrap missing and no apt-get to install it"
+        log "installing debootstrap"
+        apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends debootstrap >/dev/null
+    fi
     mkdir -p "$cache/debs"
     root="$(mktemp -d "$cache/rootfs-$slug.XXXXXX")"
     log "$name: debootstrap --variant=minbase $suite (+ $packages)"
