@@ -2,7 +2,9 @@
 and routes; the lifespan builds everything heavy, warms it up, and takes it down again.
 
 Start-up fails loudly and completely (never half up) when the weights, the runtime or the
-store cannot be opened; /readyz turns true only after the warm-up.
+store cannot be opened; /readyz turns true only after the warm-up. Shutdown runs the other
+way round (`drain`): readiness false first, then open streams finish the frames they
+accepted and close with 1012 and a reason, then the runtimes and the store are released.
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from server.backends import BackendError, Backends, open_backends
 from server.batcher import FrameBatcher, choose_batch_size, warmup_inputs
 from server.errors import install_error_handlers
+from server.keys import KeyStore
+from server.limits import RateCounter
 from server.metrics import Metrics
 from server.protocol import StreamConfig
 from server.registration import Registrar, WeightsInfo
 from server.runtime.base import FrameRuntime, RegistrationRuntime, RuntimeFailure
+from server.security import install_middleware
 from server.session import SessionRegistry, StreamServices
-from server.settings import Settings
-from server.store.base import AvatarStore, CachedStore
+from server.settings import Settings, is_loopback
+from server.store.base import CachedStore
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
-DRAIN_TIMEOUT_S = 5.0
+SHUTDOWN_MESSAGE = "the server is shutting down; reconnect (another replica can serve you)"
 
 
 class StartupError(RuntimeError):
@@ -44,6 +50,7 @@ class AppServices:
     settings: Settings
     metrics: Metrics
     store: CachedStore
+    backends: Backends
     frame_runtime: FrameRuntime
     registration_runtime: RegistrationRuntime
     batcher: FrameBatcher
@@ -56,10 +63,19 @@ class AppServices:
     batch_ms_per_frame: dict[int, float] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready: bool = False
+    draining: bool = False  # shutting down: /readyz false, no new streams
 
     @property
     def sessions(self) -> SessionRegistry:
         return self.stream.registry
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.backends.keys
+
+    @property
+    def counters(self) -> RateCounter:
+        return self.backends.counters
 
 
 def load_weights(settings: Settings) -> WeightsInfo:
@@ -84,14 +100,45 @@ def load_weights(settings: Settings) -> WeightsInfo:
     )
 
 
-def open_store(settings: Settings) -> AvatarStore:
-    """The avatar store named by the settings (embedded files + SQLite by default)."""
-    from server.store.local import LocalStore
-
+def open_stores(settings: Settings) -> Backends:
+    """The avatar, key and counter stores named by the settings."""
     try:
-        return LocalStore(settings.store_dir)
-    except OSError as error:
-        raise StartupError(f"store: cannot open {settings.store_dir}: {error}") from error
+        backends = open_backends(settings)
+    except BackendError as error:
+        raise StartupError(str(error)) from error
+
+    if not settings.api_keys:
+        logger.warning(
+            "API KEYS ARE OFF: every caller can register, list, stream and delete every "
+            "avatar. %s",
+            f"Only this machine can reach {settings.host}." if is_loopback(settings.host)
+            else f"{settings.host} is reachable from the network "
+            "(AVATAR_ALLOW_UNAUTHENTICATED_NETWORK): a front must authenticate callers.",
+        )
+    else:
+        try:
+            active = backends.keys.count_active()
+        except Exception as error:
+            backends.close()
+            raise StartupError(f"key store: cannot read the API keys: {error}") from error
+        if active == 0:
+            logger.warning(
+                "API keys are on but none exists yet: every call will get 401 until "
+                "`avatar keys create --name NAME` makes one"
+            )
+        else:
+            logger.info("API keys on: %d active key(s)", active)
+    return backends
+
+
+def check_startup(settings: Settings) -> None:
+    """What `avatar serve` checks before uvicorn starts, for a clear message instead of a
+    traceback: the weight bundle, and that the stores open."""
+    load_weights(settings)
+    try:
+        open_backends(settings).close()
+    except BackendError as error:
+        raise StartupError(str(error)) from error
 
 
 def build_runtimes(settings: Settings) -> tuple[FrameRuntime, RegistrationRuntime]:
@@ -141,8 +188,8 @@ async def start_services(settings: Settings, metrics: Metrics) -> AppServices:
             f"{weights.image_size}"
         )
 
-    inner = await asyncio.to_thread(open_store, settings)
-    store = CachedStore(inner, settings.cache_avatars)
+    backends = await asyncio.to_thread(open_stores, settings)
+    store = CachedStore(backends.avatars, settings.cache_avatars)
     pipeline = await asyncio.to_thread(PosePipeline, weights.image_size)
 
     registrar = Registrar(
@@ -173,11 +220,18 @@ async def start_services(settings: Settings, metrics: Metrics) -> AppServices:
         max_pending=settings.max_pending,
         stats_interval_s=settings.stats_interval_s,
         max_image_pixels=settings.max_image_pixels,
+        max_message_bytes=settings.ws_max_message_bytes,
+        max_messages_per_s=settings.ws_max_messages_per_s,
+        burst_messages=settings.ws_burst_messages,
+        idle_timeout_s=settings.ws_idle_timeout_s,
+        drain_timeout_s=settings.drain_timeout_s,
     )
+    subscribe_store_events(store, stream.registry)
     return AppServices(
         settings=settings,
         metrics=metrics,
         store=store,
+        backends=backends,
         frame_runtime=frame_runtime,
         registration_runtime=registration_runtime,
         batcher=batcher,
@@ -193,15 +247,42 @@ async def start_services(settings: Settings, metrics: Metrics) -> AppServices:
     )
 
 
-async def stop_services(services: AppServices) -> None:
-    """Readiness off, streams told, in-flight frames finished, everything released."""
-    services.ready = False
-    closing = services.sessions.close_all("shutting_down", "the server is shutting down")
-    deadline = time.perf_counter() + DRAIN_TIMEOUT_S
-    while len(services.sessions) and time.perf_counter() < deadline:
-        await asyncio.sleep(0.02)
+def subscribe_store_events(store: CachedStore, registry: SessionRegistry) -> None:
+    """With a shared store: forget cached avatars another replica replaced or deleted, and
+    close this replica's streams of a deleted one."""
+    inner = store.inner
+    subscribe = getattr(inner, "subscribe", None)
+    if not store.shared or subscribe is None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_event(kind: str, avatar_id: str) -> None:  # the listener's thread
+        store.invalidate(avatar_id)
+        if kind == "deleted":
+            loop.call_soon_threadsafe(registry.close_avatar, avatar_id)
+
+    subscribe(on_event)
+
+
+async def drain(services: AppServices) -> None:
+    """Readiness off and new streams refused; open streams send the frames of the poses
+    they accepted, then close with 1012 and a reason. Safe to call twice."""
+    services.draining = True
+    closing = services.sessions.close_all("shutting_down", SHUTDOWN_MESSAGE, drain=True)
     if closing:
-        logger.info("closed %d stream(s) for shutdown", closing)
+        logger.info("draining %d stream(s)", closing)
+    deadline = time.perf_counter() + services.settings.drain_timeout_s + 2.0
+    while len(services.sessions) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
+    if len(services.sessions):
+        logger.warning("%d stream(s) still open after the drain", len(services.sessions))
+
+
+async def stop_services(services: AppServices) -> None:
+    """Streams drained (if no one did it yet), then everything released; the store last,
+    after the registrations in flight have finished writing."""
+    await drain(services)
+    services.ready = False
 
     await services.batcher.close()
     for executor in (
@@ -209,7 +290,8 @@ async def stop_services(services: AppServices) -> None:
     ):
         executor.shutdown(wait=True)
     services.registrar.pipeline.close()
-    services.store.close()
+    services.store.close()  # closes the backends' avatar store
+    services.backends.keys.close()
     services.frame_runtime.close()
     services.registration_runtime.close()
 
@@ -256,6 +338,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.services = None
     install_error_handlers(app, metrics.count_error)
+    install_middleware(app, settings, metrics.count_error)
     app.include_router(avatars_router)
     app.include_router(stream_router)
     app.include_router(health_router)

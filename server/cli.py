@@ -29,6 +29,8 @@ train_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(train_app, name="train")
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 # (typer app, command name, "module:function")
 COMMANDS: list[tuple[typer.Typer, str, str]] = [
@@ -36,6 +38,9 @@ COMMANDS: list[tuple[typer.Typer, str, str]] = [
     (app, "register", "server.commands:register_command"),
     (app, "drive", "server.commands:drive_command"),
     (bench_app, "stream", "server.commands:bench_stream_command"),
+    (keys_app, "create", "server.key_commands:keys_create_command"),
+    (keys_app, "list", "server.key_commands:keys_list_command"),
+    (keys_app, "revoke", "server.key_commands:keys_revoke_command"),
     (bench_app, "frame", "export.commands:bench_frame_command"),
     (app, "export", "export.commands:export_command"),
     (app, "build-engine", "export.commands:build_engine_command"),

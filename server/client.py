@@ -6,7 +6,9 @@
         stream.send_pose(0, points, normalised=True)
         frame = stream.receive_frame()
 
-Errors from the REST API raise `ClientError` with the server's stable `code`.
+Errors from the REST API raise `ClientError` with the server's stable `code`. A server with
+API keys needs `api_key=`: it goes in the Authorization header of every request and of
+the stream's handshake.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def _ws_url(base_url: str, avatar_id: str) -> str:
     return f"{url}/avatars/{avatar_id}/stream"
 
 
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def _pose_list(poses: Iterable[np.ndarray], normalised: bool) -> list[dict[str, Any]]:
     return [
         {"points": np.asarray(p, dtype=float).reshape(68, 2).tolist(), "normalised": normalised}
@@ -111,9 +117,14 @@ def decode_message(message: FrameMessage) -> Frame:
 class AvatarClient:
     """Blocking client."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.api_key = api_key
+        self.http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=_auth_headers(api_key)
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -174,7 +185,11 @@ class AvatarClient:
     ) -> PoseStream:
         """Open a stream and send hello with `config` (format, quality, input, motion);
         `socket_options` go to websockets' connect (e.g. max_queue, sock)."""
-        return PoseStream(_ws_url(self.base_url, avatar_id), config, **(socket_options or {}))
+        options = dict(socket_options or {})
+        headers = {**_auth_headers(self.api_key), **options.pop("additional_headers", {})}
+        return PoseStream(
+            _ws_url(self.base_url, avatar_id), config, additional_headers=headers, **options
+        )
 
 
 class PoseStream:
@@ -248,9 +263,14 @@ class PoseStream:
 class AsyncAvatarClient:
     """Asynchronous client (httpx.AsyncClient, websockets' asyncio client)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self.api_key = api_key
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=_auth_headers(api_key)
+        )
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -301,23 +321,30 @@ class AsyncAvatarClient:
 
     async def stream(self, avatar_id: str, **config: Any) -> AsyncPoseStream:
         """Open a stream and send hello with `config`."""
-        stream = AsyncPoseStream(_ws_url(self.base_url, avatar_id))
+        stream = AsyncPoseStream(_ws_url(self.base_url, avatar_id), self.api_key)
         await stream.open(config)
         return stream
+
+    async def metrics(self) -> str:
+        return _check(await self.http.get("/metrics")).text
 
 
 class AsyncPoseStream:
     """An asynchronous stream (websockets' asyncio client)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, api_key: str | None = None) -> None:
         self.url = url
+        self.api_key = api_key
         self.socket: Any = None
         self.events: list[dict[str, Any]] = []
 
     async def open(self, config: dict[str, Any]) -> None:
         from websockets.asyncio.client import connect
 
-        self.socket = await connect(self.url, max_size=64 * 1024 * 1024, compression=None)
+        self.socket = await connect(
+            self.url, max_size=64 * 1024 * 1024, compression=None,
+            additional_headers=_auth_headers(self.api_key),
+        )
         try:
             await self.socket.send(json.dumps({"type": "hello", **config}))
         except ConnectionClosed:

@@ -24,6 +24,13 @@ SAMPLE_PHOTO = Path(__file__).resolve().parent / "static" / "sample.jpg"
 
 ServerOption = Annotated[str, typer.Option("--server", help="Base URL of the server.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="AVATAR_API_KEY", show_envvar=False,
+        help="API key, when the server needs one [AVATAR_API_KEY].",
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -52,47 +59,61 @@ def serve_command(
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning, error [AVATAR_LOG_LEVEL].")
     ] = None,
+    api_keys: Annotated[
+        bool | None,
+        typer.Option(
+            "--api-keys/--no-api-keys",
+            help="Require API keys (from `avatar keys create`) [AVATAR_API_KEYS].",
+        ),
+    ] = None,
+    allow_unauthenticated_network: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-unauthenticated-network",
+            help="Serve a non-loopback address without keys (a front authenticates) "
+            "[AVATAR_ALLOW_UNAUTHENTICATED_NETWORK].",
+        ),
+    ] = None,
 ) -> None:
     """Run the avatar server (uvicorn). Every setting is also an AVATAR_* variable."""
-    import uvicorn
-    from pydantic import ValidationError
+    from server.app import StartupError, check_startup
+    from server.lifecycle import make_server
 
-    from server.app import StartupError, create_app, load_weights
-    from server.settings import Settings
+    settings = load_settings(
+        host=host, port=port, runtime=runtime, store_url=store_url, data_dir=data_dir,
+        weights_dir=weights_dir, max_batch=max_batch, log_level=log_level,
+        api_keys=api_keys, allow_unauthenticated_network=allow_unauthenticated_network,
+    )
 
-    flags: dict[str, Any] = {
-        "host": host, "port": port, "runtime": runtime, "store_url": store_url,
-        "data_dir": data_dir, "weights_dir": weights_dir, "max_batch": max_batch,
-        "log_level": log_level,
-    }
+    # weights and stores are checked before uvicorn starts: a clear message, no traceback
     try:
-        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as error:
-        for item in error.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "settings"
-            typer.echo(f"error: {where}: {item['msg']}", err=True)
-        raise typer.Exit(2) from None
-
-    # the weights are checked before uvicorn starts: a clear message, no traceback
-    try:
-        load_weights(settings)
+        check_startup(settings)
     except StartupError as error:
         raise _fail(str(error), code=2) from None
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ws_max_size=settings.ws_max_message_bytes,
-        ws_per_message_deflate=False,  # frames are compressed already
-        timeout_graceful_shutdown=10,
-    )
+    make_server(settings).run()
+
+
+def load_settings(**flags: Any) -> Any:
+    """Settings from the environment and the flags given; exit 2 naming each bad value."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as error:
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "settings"
+            message = str(item["msg"]).removeprefix("Value error, ")
+            typer.echo(f"error: {where}: {message}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register_command(
     photo: Annotated[Path, typer.Argument(help="Portrait photo: JPEG, PNG or WebP.")],
     server: ServerOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Register an avatar from a photo; prints its id."""
@@ -100,7 +121,7 @@ def register_command(
 
     if not photo.is_file():
         raise _fail(f"no such file: {photo}")
-    with AvatarClient(server) as client:
+    with AvatarClient(server, api_key=api_key) as client:
         try:
             avatar = client.register(photo)
         except ClientError as error:
@@ -124,6 +145,7 @@ def drive_command(
     server: ServerOption = DEFAULT_URL,
     motion: Annotated[str, typer.Option(help="relative or absolute.")] = "relative",
     max_frames: Annotated[int, typer.Option(help="Stop after this many frames; 0: all.")] = 0,
+    api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
 ) -> None:
     """Animate an avatar with the head motion of a driver video; writes an mp4."""
@@ -141,7 +163,7 @@ def drive_command(
     width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
 
-    with AvatarClient(server) as client:
+    with AvatarClient(server, api_key=api_key) as client:
         try:
             avatar = client.get_avatar(avatar_id)
         except ClientError as error:
@@ -192,6 +214,14 @@ def drive_command(
                f"wrote {written} frames to {out} ({no_face} driver frames without a face)")
 
 
+def _resident_mb(metrics_text: str) -> float | None:
+    """process_resident_memory_bytes of a Prometheus text, in MB."""
+    for line in metrics_text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return round(float(line.split()[1]) / 1e6, 1)
+    return None
+
+
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None}
@@ -201,7 +231,8 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 async def _bench_stream(
-    server: str, avatar: dict, index: int, fps: float, seconds: float, fmt: str
+    server: str, avatar: dict, index: int, fps: float, seconds: float, fmt: str,
+    api_key: str | None,
 ) -> dict[str, Any]:
     """One paced stream: poses at `fps` for `seconds`, latency from send to frame."""
     from server.client import AsyncAvatarClient, StreamClosed
@@ -213,7 +244,7 @@ async def _bench_stream(
     received = 0
     stats: dict[str, Any] = {}
 
-    async with AsyncAvatarClient(server) as client:
+    async with AsyncAvatarClient(server, api_key=api_key) as client:
         stream = await client.stream(avatar["id"], format=fmt)
 
         async def receive() -> None:
@@ -264,21 +295,51 @@ def bench_stream_command(
         str | None, typer.Option(help="Avatar id; default: register the sample photo.")
     ] = None,
     format: Annotated[str, typer.Option(help="jpeg, webp or raw.")] = "jpeg",
+    api_key: ApiKeyOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Drive real WebSocket streams at a fixed pose rate; report fps and latency."""
+    """Drive real WebSocket streams at a fixed pose rate; report fps, latency and the
+    server's resident memory over the run (a soak with --seconds 600)."""
     from server.client import AvatarClient, ClientError
 
-    with AvatarClient(server) as client:
+    with AvatarClient(server, api_key=api_key) as client:
         try:
             info = client.get_avatar(avatar) if avatar else client.register(SAMPLE_PHOTO)
         except ClientError as error:
             raise _fail(f"{error.code}: {error.message}") from None
 
+    rss: list[float] = []
+
+    async def sample_memory(done: asyncio.Event) -> None:
+        """The server's resident set every few seconds (from its /metrics)."""
+        from server.client import AsyncAvatarClient
+
+        interval = min(max(seconds / 30.0, 1.0), 20.0)
+        async with AsyncAvatarClient(server, api_key=api_key) as client:
+            while True:
+                value = _resident_mb(await client.metrics())
+                if value is not None:
+                    rss.append(value)
+                try:
+                    await asyncio.wait_for(done.wait(), interval)
+                except TimeoutError:
+                    continue
+                value = _resident_mb(await client.metrics())
+                if value is not None:
+                    rss.append(value)
+                return
+
     async def run_all() -> list[dict[str, Any]]:
-        return await asyncio.gather(*(
-            _bench_stream(server, info, index, fps, seconds, format) for index in range(streams)
-        ))
+        done = asyncio.Event()
+        sampler = asyncio.create_task(sample_memory(done))
+        try:
+            return await asyncio.gather(*(
+                _bench_stream(server, info, index, fps, seconds, format, api_key)
+                for index in range(streams)
+            ))
+        finally:
+            done.set()
+            await asyncio.gather(sampler, return_exceptions=True)
 
     started = time.perf_counter()
     results = asyncio.run(run_all())
@@ -297,6 +358,12 @@ def bench_stream_command(
         "fps_total": round(frames / seconds, 2),
         "seconds": round(elapsed, 2),
         "avatar": info["id"],
+        "server_rss_mb": {
+            "start": rss[0] if rss else None,
+            "end": rss[-1] if rss else None,
+            "max": max(rss) if rss else None,
+            "samples": len(rss),
+        },
     }
     if json_out:
         typer.echo(json.dumps(report))
@@ -308,3 +375,9 @@ def bench_stream_command(
         f"{report['dropped']} dropped; latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
         f"p99 {lat['p99']} ms"
     )
+    memory = report["server_rss_mb"]
+    if memory["samples"]:
+        typer.echo(
+            f"server resident memory: {memory['start']} MB at the start, {memory['end']} MB "
+            f"at the end, {memory['max']} MB at most ({memory['samples']} samples)"
+        )

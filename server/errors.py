@@ -17,6 +17,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.keys import KeyStoreError
+from server.store.base import StoreError
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,9 +43,18 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
     "avatar_stale": (409, "The avatar was registered with other weights; register again."),
     "bad_pose": (422, "A pose is malformed: wrong count, NaN/Inf or out of range."),
     "too_many_poses": (413, "More poses in one request than max_poses_per_request."),
+    "unauthorized": (401, "No API key, or one that is unknown or revoked (keys on)."),
+    "avatar_quota_exceeded": (403, "The API key holds max_avatars_per_key avatars already."),
+    "registration_rate_exceeded": (
+        429, "The API key made registrations_per_hour registrations in the last hour; "
+        "Retry-After says when to try again."
+    ),
+    "request_too_large": (413, "The request body is over max_upload_bytes (plus 64 KiB)."),
+    "untrusted_host": (400, "The Host header is not in trusted_hosts."),
     "not_found": (404, "No such route."),
     "method_not_allowed": (405, "The route exists, but not with this method."),
     "not_ready": (503, "The server is starting or draining; retry later."),
+    "store_unavailable": (503, "The avatar store (Redis) cannot be reached; retry later."),
     "runtime_error": (500, "The runtime failed to render or register."),
     "internal": (500, "An unexpected server error; the log has details."),
 }
@@ -51,12 +63,15 @@ ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
 class ApiError(Exception):
     """An error with a catalogued code; the handler turns it into its status and body."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         if code not in ERROR_CATALOGUE:
             raise ValueError(f"unknown error code {code!r}; add it to ERROR_CATALOGUE")
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = headers
 
     @property
     def status(self) -> int:
@@ -76,11 +91,14 @@ def error_responses(*codes: str) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def error_response(code: str, message: str) -> JSONResponse:
+def error_response(
+    code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON response for one catalogued error."""
     return JSONResponse(
         status_code=ERROR_CATALOGUE[code][0],
         content=ErrorBody(code=code, message=message).model_dump(),
+        headers=headers,
     )
 
 
@@ -90,7 +108,7 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[str], None]) -> 
     async def on_api_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, ApiError)  # registered for ApiError only
         count_error(error.code)
-        return error_response(error.code, error.message)
+        return error_response(error.code, error.message, error.headers)
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
@@ -113,6 +131,11 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[str], None]) -> 
         count_error(code)
         return error_response(code, f"{request.method} {request.url.path}: {error.detail}")
 
+    async def on_store(request: Request, error: Exception) -> JSONResponse:
+        logger.error("store failure on %s %s: %s", request.method, request.url.path, error)
+        count_error("store_unavailable")
+        return error_response("store_unavailable", str(error))
+
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         count_error("internal")
@@ -121,4 +144,6 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[str], None]) -> 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(StoreError, on_store)
+    app.add_exception_handler(KeyStoreError, on_store)
     app.add_exception_handler(Exception, on_unexpected)

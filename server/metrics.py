@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,8 @@ class Metrics:
             "avatar_errors", "Errors returned to clients, REST and WebSocket, by code.",
             ["code"], registry=r,
         )
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc)
+        ProcessCollector(registry=r)
 
     def count_error(self, code: str) -> None:
         self.errors.labels(code=code).inc()

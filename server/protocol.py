@@ -69,7 +69,9 @@ CLOSE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 CLOSE_BAD_CONFIG = 4400
 CLOSE_UNKNOWN_AVATAR = 4404
+CLOSE_IDLE = 4408
 CLOSE_STALE_AVATAR = 4409
+CLOSE_TOO_MANY = 4429
 
 # protocol error code -> close code; docs/protocol.md has the same table
 ERROR_CLOSE_CODES: dict[str, int] = {
@@ -89,6 +91,12 @@ ERROR_CLOSE_CODES: dict[str, int] = {
     "avatar_deleted": CLOSE_UNKNOWN_AVATAR,
     "internal": CLOSE_INTERNAL,
     "shutting_down": CLOSE_RESTART,
+    "unauthorized": CLOSE_POLICY,
+    "origin_not_allowed": CLOSE_POLICY,
+    "too_many_streams": CLOSE_TRY_AGAIN,
+    "stream_quota_exceeded": CLOSE_TOO_MANY,
+    "rate_limited": CLOSE_TOO_MANY,
+    "idle_timeout": CLOSE_IDLE,
 }
 
 MAX_REASON_BYTES = 123  # a close frame's reason is at most 123 bytes of UTF-8

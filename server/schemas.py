@@ -163,3 +163,11 @@ class ReadyOut(BaseModel):
     )
     streams: int = Field(default=0, description="WebSocket streams open.")
     uptime_s: float = Field(default=0.0, description="Seconds since start-up finished.")
+    api_keys: bool = Field(
+        default=False,
+        description="True when every avatar route and stream needs an API key.",
+    )
+    draining: bool = Field(
+        default=False,
+        description="True while shutting down: no new streams; route traffic elsewhere.",
+    )

@@ -17,7 +17,13 @@
 - sender: sends the frame and the JSON events (stats every few seconds, warnings).
 
 Any task's end ends the session: a protocol error closes with its close code and a reason
-naming what was expected and what arrived; other sessions are not affected.
+naming what was expected and what arrived; other sessions are not affected. The reader
+also enforces the stream limits: message size, message rate (a token bucket) and the idle
+timeout.
+
+Shutdown drains instead: the reader stops, the worker renders the poses already accepted,
+the sender sends their frames and a last stats event, then the session closes with 1012
+and a reason. A client never sees a frame cut off, and always learns why it was closed.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from models.pose import FaceLandmarks, PoseError
 from server.batcher import FrameBatcher
 from server.encode import decode_jpeg, encode_frame
+from server.limits import TokenBucket
 from server.metrics import Metrics
 from server.motion import MotionMapper
 from server.protocol import (
@@ -192,23 +199,37 @@ class StreamServices:
     max_pending: int
     stats_interval_s: float
     max_image_pixels: int
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_messages_per_s: float = 0.0  # 0: no limit
+    burst_messages: int = 1
+    idle_timeout_s: float = 0.0  # 0: never
+    drain_timeout_s: float = 5.0
     registry: SessionRegistry = field(default_factory=lambda: SessionRegistry())
 
 
 class SessionClosed(Exception):
-    """Asked from outside to close (avatar deleted, shutdown)."""
+    """Asked from outside to close (avatar deleted, shutdown); `drain`: finish the frames
+    of the poses already accepted first."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, drain: bool = False) -> None:
         super().__init__(message)
         self.error = ProtocolError(code, message)
+        self.drain = drain
 
 
 class StreamSession:
     """One WebSocket stream of one avatar."""
 
-    def __init__(self, websocket: WebSocket, avatar_id: str, services: StreamServices) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        avatar_id: str,
+        services: StreamServices,
+        owner: str | None = None,
+    ) -> None:
         self.websocket = websocket
         self.avatar_id = avatar_id
+        self.owner = owner  # the API key id that opened it (None without keys)
         self.services = services
         self.protocol = StreamProtocol(services.defaults, services.max_image_pixels)
         self.avatar: Avatar | None = None
@@ -222,6 +243,7 @@ class StreamSession:
         self._wake = asyncio.Event()
         self._frame_free = asyncio.Event()
         self._frame_free.set()
+        self._busy = False  # the worker holds a pose whose frame is not handed over yet
         self._closing: asyncio.Future[SessionClosed] | None = None
 
         # counters, reported in stats events
@@ -236,10 +258,11 @@ class StreamSession:
 
     # ------------------------------------------------------------ outside control
 
-    def request_close(self, code: str, message: str) -> None:
-        """Close this session soon with a protocol error code (delete, shutdown)."""
+    def request_close(self, code: str, message: str, drain: bool = False) -> None:
+        """Close this session soon with a protocol error code (delete, shutdown); with
+        `drain`, after the frames of the poses already accepted are sent."""
         if self._closing is not None and not self._closing.done():
-            self._closing.set_result(SessionClosed(code, message))
+            self._closing.set_result(SessionClosed(code, message, drain))
 
     # ------------------------------------------------------------ run
 
@@ -252,25 +275,32 @@ class StreamSession:
 
     async def run(self, avatar: Avatar) -> None:
         """Serve the connection until it ends; never raises."""
-        await self.websocket.accept()
+        registry = self.services.registry
+        registry.add(self)  # the route admitted it already; adding again changes nothing
+        self._closing = asyncio.get_running_loop().create_future()
+        self.services.metrics.sessions_open.inc()
+        try:
+            await self.websocket.accept()
+        except BaseException:
+            registry.remove(self)
+            self.services.metrics.sessions_open.dec()
+            raise
         self.avatar = avatar
         self.motion = MotionMapper(self.protocol.config.motion, avatar.source_pose)
-        self._closing = asyncio.get_running_loop().create_future()
-        registry = self.services.registry
-        registry.add(self)
-        self.services.metrics.sessions_open.inc()
 
-        tasks: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self._read()),
-            asyncio.ensure_future(self._work()),
-            asyncio.ensure_future(self._send()),
-            self._closing,
-        ]
+        reader = asyncio.ensure_future(self._read())
+        worker = asyncio.ensure_future(self._work())
+        sender = asyncio.ensure_future(self._send())
+        tasks: list[asyncio.Future[Any]] = [reader, worker, sender, self._closing]
         error: ProtocolError | None = None
         try:
             # the worker and the sender idle until hello; attach to the batcher then
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             error = next((e for e in map(self._outcome, done) if e is not None), None)
+            closing = self._closing
+            if closing in done and not closing.cancelled() and closing.result().drain:
+                reader.cancel()
+                await self._finish(worker, sender)
         finally:
             for task in tasks:
                 task.cancel()
@@ -290,6 +320,22 @@ class StreamSession:
             self.avatar_id, self.received, self.sent, self.dropped,
             f", {error.code}" if error else "",
         )
+
+    async def _finish(self, worker: asyncio.Future[Any], sender: asyncio.Future[Any]) -> None:
+        """Drain: the poses already accepted are rendered and their frames sent, then a
+        last stats event; bounded by drain_timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.services.drain_timeout_s
+
+        def running() -> bool:
+            return not worker.done() and not sender.done() and loop.time() < deadline
+
+        while running() and (self._busy or len(self._pending) or self._outbox is not None):
+            await asyncio.sleep(0.005)
+        if self.protocol.state is SessionState.STREAMING:
+            self._push_event(self._stats_event(time.perf_counter()))
+        while running() and self._events:
+            await asyncio.sleep(0.005)
 
     def _outcome(self, finished: asyncio.Future[Any]) -> ProtocolError | None:
         """The close to send, from whichever task ended first (None: the client left)."""
@@ -327,17 +373,39 @@ class StreamSession:
     # ------------------------------------------------------------ reader
 
     async def _read(self) -> None:
+        services = self.services
+        idle = services.idle_timeout_s or None
+        bucket = TokenBucket(services.max_messages_per_s, services.burst_messages)
         while True:
-            message = await self.websocket.receive()
+            try:
+                async with asyncio.timeout(idle):
+                    message = await self.websocket.receive()
+            except TimeoutError:
+                raise ProtocolError(
+                    "idle_timeout", f"expected a message at least every {idle:g} s, got none "
+                    f"for {idle:g} s"
+                ) from None
             kind = message["type"]
             if kind == "websocket.disconnect":
                 raise ConnectionClosed(message.get("code", 1005))
             received = time.perf_counter()
 
-            if message.get("text") is not None:
-                self._on_text(message["text"])
+            text, data = message.get("text"), message.get("bytes")
+            size = len(text.encode()) if text is not None else len(data or b"")
+            if size > services.max_message_bytes:
+                raise ProtocolError(
+                    "message_too_big", f"expected messages of at most "
+                    f"{services.max_message_bytes} bytes, got {size}"
+                )
+            if not bucket.take(received):
+                raise ProtocolError(
+                    "rate_limited", f"expected at most {services.max_messages_per_s:g} "
+                    f"messages per second (bursts of {services.burst_messages}), got more"
+                )
+
+            if text is not None:
+                self._on_text(text)
                 continue
-            data = message.get("bytes")
             if data is None:
                 continue
             job = self.protocol.on_bytes(data, received)
@@ -382,6 +450,7 @@ class StreamSession:
         while True:
             await self._frame_free.wait()  # never render ahead of an unsent frame
             job = await self._pending.get()
+            self._busy = True
             config = self.protocol.config
 
             # camera input: landmarks first (worker thread)
@@ -397,6 +466,7 @@ class StreamSession:
                     self._push_event(event(
                         "warning", code=error.code, seq=job.seq, message=error.message
                     ))
+                    self._busy = False
                     continue
                 landmarks_ms = (time.perf_counter() - started) * 1000.0
                 normalised = False
@@ -430,6 +500,7 @@ class StreamSession:
                 job.seq, config.format, width, height, result.batch, timings, payload
             )
             self._outbox_received = job.received
+            self._busy = False
             self._wake.set()
 
     def _landmarks(self, jpeg: bytes, seq: int) -> np.ndarray:
@@ -532,13 +603,38 @@ CLIENT_GONE = (ConnectionClosed, WebSocketDisconnect, OSError)
 
 
 class SessionRegistry:
-    """Open sessions, by avatar: deletes and shutdown reach every stream they concern."""
+    """Open sessions, by avatar: deletes and shutdown reach every stream they concern; by
+    owner: the per-key stream limit."""
 
     def __init__(self) -> None:
         self._sessions: set[StreamSession] = set()
 
     def add(self, session: StreamSession) -> None:
         self._sessions.add(session)
+
+    def admit(
+        self, session: StreamSession, max_total: int, max_per_owner: int
+    ) -> ProtocolError | None:
+        """Register a new session unless a limit is reached (0: no limit); the error to
+        refuse it with otherwise. Checks and adds in one step, so two connections racing
+        for the last place cannot both get it."""
+        if max_total and len(self._sessions) >= max_total:
+            return ProtocolError(
+                "too_many_streams", f"expected fewer than {max_total} open streams on this "
+                f"server, got {len(self._sessions)}; retry later or on another replica"
+            )
+        if session.owner is not None and max_per_owner:
+            mine = self.of_owner(session.owner)
+            if mine >= max_per_owner:
+                return ProtocolError(
+                    "stream_quota_exceeded", f"expected at most {max_per_owner} open "
+                    f"streams per API key, this key has {mine}; close one first"
+                )
+        self._sessions.add(session)
+        return None
+
+    def of_owner(self, owner: str) -> int:
+        return sum(1 for s in self._sessions if s.owner == owner)
 
     def remove(self, session: StreamSession) -> None:
         self._sessions.discard(session)
@@ -556,9 +652,9 @@ class SessionRegistry:
             session.request_close("avatar_deleted", f"avatar {avatar_id} was deleted")
         return len(sessions)
 
-    def close_all(self, code: str, message: str) -> int:
-        """Close every stream (shutdown); returns how many."""
+    def close_all(self, code: str, message: str, drain: bool = False) -> int:
+        """Close every stream (shutdown: with `drain`); returns how many."""
         sessions = list(self._sessions)
         for session in sessions:
-            session.request_close(code, message)
+            session.request_close(code, message, drain)
         return len(sessions)

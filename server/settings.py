@@ -7,12 +7,13 @@ start-up, with a message that names the setting, what it expects and what it got
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.runtime.select import RuntimeKind
 
@@ -22,6 +23,33 @@ logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 OutputFormat = Literal["jpeg", "webp", "raw"]
+
+# list settings read from the environment as comma-separated text (or a JSON list)
+NameList = Annotated[list[str], NoDecode]
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+STORE_SCHEMES = ("file://", "redis://", "rediss://", "unix://")
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address (or name) that only this machine can reach."""
+    name = host.strip().strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """A store URL without its password, for logs and /readyz."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, location = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user + ':' if user else ''}***@{location}"
 
 
 def resolve_project_path(path: Path) -> Path:
@@ -50,7 +78,9 @@ class Settings(BaseSettings):
     )
     store_url: str = Field(
         default="",
-        description="Avatar store; empty for the embedded store under data_dir.",
+        description="Avatar store: empty (or file://PATH) for the embedded files + SQLite "
+        "store under data_dir; redis://HOST:PORT/DB (rediss:// for TLS) for a Redis "
+        "server that every replica shares.",
     )
 
     # network
@@ -130,6 +160,71 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="Threads finding landmarks in camera frames."
     )
 
+    # access
+    api_keys: bool = Field(
+        default=False,
+        description="Require an API key (Authorization: Bearer KEY; on the stream also "
+        "?token=KEY) on every avatar route; keys come from `avatar keys create`.",
+    )
+    allow_unauthenticated_network: bool = Field(
+        default=False,
+        description="Serve without API keys on a non-loopback address (only behind a "
+        "front that authenticates callers itself).",
+    )
+    trusted_hosts: NameList = Field(
+        default_factory=lambda: ["*"],
+        description="Host header values served (comma-separated; *.example.com matches "
+        "subdomains; * anything). Others get 400 untrusted_host.",
+    )
+    cors_origins: NameList = Field(
+        default_factory=list,
+        description="Browser origins (https://app.example.com) allowed to call the API "
+        "and open streams from another site; * for any. Empty: same origin only.",
+    )
+
+    # limits
+    registrations_per_hour: int = Field(
+        default=60, ge=0, le=1_000_000,
+        description="Registrations one API key may make per hour (0: no limit; keys only).",
+    )
+    max_avatars_per_key: int = Field(
+        default=100, ge=0, le=10_000_000,
+        description="Avatars one API key may keep (0: no limit; keys only).",
+    )
+    max_streams: int = Field(
+        default=256, ge=0, le=100_000,
+        description="Streams open at once on this server (0: no limit).",
+    )
+    max_streams_per_key: int = Field(
+        default=8, ge=0, le=100_000,
+        description="Streams one API key may have open at once on this server (0: no "
+        "limit; keys only).",
+    )
+    ws_max_messages_per_s: float = Field(
+        default=120.0, ge=0.0, le=100_000.0,
+        description="Sustained messages per second a stream may send (0: no limit).",
+    )
+    ws_burst_messages: int = Field(
+        default=240, ge=1, le=1_000_000,
+        description="Messages a stream may send in a burst above that rate.",
+    )
+    ws_idle_timeout_s: float = Field(
+        default=60.0, ge=0.0, le=86_400.0,
+        description="A stream that sends nothing for this long is closed (0: never).",
+    )
+
+    # life cycle
+    shutdown_delay_s: float = Field(
+        default=0.0, ge=0.0, le=600.0,
+        description="On shutdown, seconds /readyz reports not ready (while still serving) "
+        "before the listener closes, so a load balancer stops routing here first.",
+    )
+    drain_timeout_s: float = Field(
+        default=5.0, ge=0.0, le=600.0,
+        description="On shutdown, seconds open streams get to send the frames they "
+        "accepted before they are closed.",
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the server's loggers."
     )
@@ -147,12 +242,47 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, url: str) -> str:
-        if url not in ("", "local") and not url.startswith("file://"):
+        url = url.strip()
+        if url not in ("", "local") and not url.startswith(STORE_SCHEMES):
             raise ValueError(
-                f"store_url: expected '' (embedded store) or file://PATH, got {url!r}; "
-                "no other store is part of this build"
+                f"store_url: expected '' (embedded store), file://PATH or "
+                f"redis://HOST:PORT/DB, got {redact_url(url)!r}"
             )
         return url
+
+    @field_validator("trusted_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _name_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        if not hosts:
+            raise ValueError("trusted_hosts: expected at least one name (or *), got none")
+        for host in hosts:
+            if "*" in host and host != "*" and not host.startswith("*."):
+                raise ValueError(
+                    f"trusted_hosts: expected a name, *.domain or *, got {host!r}"
+                )
+        return [host.lower() for host in hosts]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"cors_origins: expected scheme://host[:port] or *, got {origin!r}"
+                )
+        return [origin.rstrip("/") for origin in origins]
 
     @field_validator("host")
     @classmethod
@@ -167,7 +297,22 @@ class Settings(BaseSettings):
             raise ValueError(f"weights_dir: expected a folder, got the file {self.weights_dir}")
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise ValueError(f"data_dir: expected a folder, got the file {self.data_dir}")
+        if not self.api_keys and not is_loopback(self.host):
+            if not self.allow_unauthenticated_network:
+                raise ValueError(
+                    f"host: {self.host} is reachable from other machines, and API keys are "
+                    "off: anyone who reaches it could use the server. Turn keys on "
+                    "(AVATAR_API_KEYS=true, keys from `avatar keys create`), or set "
+                    "AVATAR_ALLOW_UNAUTHENTICATED_NETWORK=true when a front authenticates"
+                )
         return self
+
+    @property
+    def store_kind(self) -> Literal["local", "redis"]:
+        """Which store the URL names."""
+        if self.store_url.startswith(("redis://", "rediss://", "unix://")):
+            return "redis"
+        return "local"
 
     @property
     def store_dir(self) -> Path:

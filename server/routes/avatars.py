@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 from typing import Annotated, Literal
 
@@ -12,6 +13,7 @@ import numpy as np
 from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 
+from server.app import AppServices
 from server.encode import MEDIA_TYPES, encode_frame
 from server.errors import ApiError, error_responses
 from server.motion import MotionMapper
@@ -42,7 +44,8 @@ ImageUpload = Annotated[
     response_model=AvatarOut,
     responses=error_responses(
         "invalid_request", "not_an_image", "bad_image", "unsupported_format",
-        "image_too_large", "no_face", "face_too_small", "runtime_error", "not_ready",
+        "image_too_large", "request_too_large", "no_face", "face_too_small", "unauthorized",
+        "avatar_quota_exceeded", "registration_rate_exceeded", "runtime_error", "not_ready",
     ),
 )
 async def register_avatar(services: Services, owner: Owner, image: ImageUpload) -> AvatarOut:
@@ -52,6 +55,8 @@ async def register_avatar(services: Services, owner: Owner, image: ImageUpload) 
     data = await image.read(limit + 1)
     loop = asyncio.get_running_loop()
     try:
+        if owner is not None:
+            await check_key_limits(services, owner)
         avatar = await loop.run_in_executor(
             services.registration_executor, services.registrar.register, data, owner
         )
@@ -63,9 +68,36 @@ async def register_avatar(services: Services, owner: Owner, image: ImageUpload) 
     return AvatarOut.from_meta(avatar.meta)
 
 
-@router.get("", response_model=AvatarList, responses=error_responses("not_ready"))
+async def check_key_limits(services: AppServices, owner: str) -> None:
+    """ApiError when the key holds max_avatars_per_key avatars, or made
+    registrations_per_hour registrations in the last hour."""
+    settings = services.settings
+    most = settings.max_avatars_per_key
+    if most:
+        held = await asyncio.to_thread(services.store.count, owner)
+        if held >= most:
+            raise ApiError(
+                "avatar_quota_exceeded", f"expected at most {most} avatars per API key, this "
+                f"key holds {held}; delete one first"
+            )
+    per_hour = settings.registrations_per_hour
+    if per_hour:
+        wait = await asyncio.to_thread(
+            services.counters.hit, f"register:{owner}", per_hour, 3600.0
+        )
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise ApiError(
+                "registration_rate_exceeded", f"expected at most {per_hour} registrations "
+                f"per hour per API key; retry in {seconds} s", {"Retry-After": str(seconds)},
+            )
+
+
+@router.get(
+    "", response_model=AvatarList, responses=error_responses("unauthorized", "not_ready")
+)
 async def list_avatars(services: Services, owner: Owner) -> AvatarList:
-    """List every registered avatar, oldest first."""
+    """List the caller's avatars (every avatar without API keys), oldest first."""
     metas = await asyncio.to_thread(services.store.list, owner)
     return AvatarList(avatars=[AvatarOut.from_meta(meta) for meta in metas])
 
@@ -73,7 +105,9 @@ async def list_avatars(services: Services, owner: Owner) -> AvatarList:
 @router.get(
     "/{avatar_id}",
     response_model=AvatarOut,
-    responses=error_responses("avatar_not_found", "invalid_request", "not_ready"),
+    responses=error_responses(
+        "avatar_not_found", "invalid_request", "unauthorized", "not_ready"
+    ),
 )
 async def get_avatar(services: Services, owner: Owner, avatar_id: str) -> AvatarOut:
     """Read one avatar's metadata."""
@@ -87,7 +121,9 @@ async def get_avatar(services: Services, owner: Owner, avatar_id: str) -> Avatar
 @router.delete(
     "/{avatar_id}",
     response_model=DeletedOut,
-    responses=error_responses("avatar_not_found", "invalid_request", "not_ready"),
+    responses=error_responses(
+        "avatar_not_found", "invalid_request", "unauthorized", "not_ready"
+    ),
 )
 async def delete_avatar(services: Services, owner: Owner, avatar_id: str) -> DeletedOut:
     """Delete an avatar: its files, its index row, its cache entry; close its streams."""
@@ -108,7 +144,9 @@ async def delete_avatar(services: Services, owner: Owner, avatar_id: str) -> Del
     responses={
         200: {"content": {"image/jpeg": {}, "image/webp": {}},
               "description": "The avatar rendered in its own source pose."},
-        **error_responses("avatar_not_found", "avatar_stale", "invalid_request", "not_ready"),
+        **error_responses(
+            "avatar_not_found", "avatar_stale", "invalid_request", "unauthorized", "not_ready"
+        ),
     },
 )
 async def preview_avatar(
@@ -137,7 +175,7 @@ async def preview_avatar(
     response_model=FramesResponse,
     responses=error_responses(
         "avatar_not_found", "avatar_stale", "bad_pose", "too_many_poses", "invalid_request",
-        "runtime_error", "not_ready",
+        "request_too_large", "unauthorized", "runtime_error", "not_ready",
     ),
 )
 async def render_frames(

@@ -11,6 +11,8 @@ from server.app import AppServices
 from server.errors import ApiError
 from server.store.base import Avatar
 
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="avatar"'}
+
 
 def get_services(request: Request) -> AppServices:
     """The app's services; 503 `not_ready` while starting or draining."""
@@ -23,11 +25,39 @@ def get_services(request: Request) -> AppServices:
 Services = Annotated[AppServices, Depends(get_services)]
 
 
-def current_owner() -> str | None:
-    """Who is asking: None while the server runs without API keys (everyone sees every
-    avatar). With keys, this returns the caller's key id and each route only shows that
-    key's avatars."""
-    return None
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header; ApiError for another scheme."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            "unauthorized", f"expected 'Authorization: Bearer <key>', got the scheme "
+            f"{scheme[:20]!r}", CHALLENGE,
+        )
+    return token.strip()
+
+
+async def authenticate(services: AppServices, token: str | None) -> str:
+    """The key id of a token; ApiError `unauthorized` when missing, unknown or revoked."""
+    if not token:
+        raise ApiError(
+            "unauthorized", "expected an API key (Authorization: Bearer <key>), got none",
+            CHALLENGE,
+        )
+    key = await asyncio.to_thread(services.keys.verify, token)
+    if key is None:
+        raise ApiError("unauthorized", "the API key is unknown or revoked", CHALLENGE)
+    return key.id
+
+
+async def current_owner(request: Request, services: Services) -> str | None:
+    """Who is asking: the caller's API key id, which owns the avatars it registers; each
+    route shows a key only its own avatars. None while the server runs without keys
+    (everyone sees every avatar)."""
+    if not services.settings.api_keys:
+        return None
+    return await authenticate(services, bearer_token(request.headers.get("authorization")))
 
 
 Owner = Annotated[str | None, Depends(current_owner)]

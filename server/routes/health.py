@@ -27,10 +27,14 @@ async def healthz() -> HealthOut:
     responses={503: {"model": ReadyOut, "description": "Starting or draining: not ready."}},
 )
 async def readyz(request: Request) -> Response:
-    """Readiness: runtime loaded and warmed, store open; names the weights it runs."""
+    """Readiness: runtime loaded and warmed, store open, not draining; names the weights
+    it runs and whether API keys are needed."""
     services: AppServices | None = request.app.state.services
-    if services is None or not services.ready:
-        return JSONResponse(status_code=503, content=ReadyOut(ready=False).model_dump())
+    api_keys = request.app.state.settings.api_keys
+    if services is None or not services.ready or services.draining:
+        draining = services is not None and services.draining
+        body = ReadyOut(ready=False, api_keys=api_keys, draining=draining)
+        return JSONResponse(status_code=503, content=body.model_dump())
 
     runtime = services.frame_runtime
     body = ReadyOut(
@@ -47,6 +51,7 @@ async def readyz(request: Request) -> Response:
         store=await asyncio.to_thread(services.store.health),
         streams=len(services.sessions),
         uptime_s=round(time.time() - services.started, 3),
+        api_keys=api_keys,
     )
     return JSONResponse(content=body.model_dump())
 

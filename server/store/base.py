@@ -115,6 +115,9 @@ class AvatarStore(ABC):
     """Where avatars live. Methods are blocking; async code calls them in a thread."""
 
     kind: str = "abstract"
+    # True when other processes write the same avatars (Redis): cached copies are checked
+    # against `version` before use
+    shared: bool = False
 
     @abstractmethod
     def put(self, avatar: Avatar) -> None:
@@ -139,6 +142,15 @@ class AvatarStore(ABC):
     def exists(self, avatar_id: str) -> bool:
         return self.get_meta(avatar_id) is not None
 
+    def count(self, owner: str | None = None) -> int:
+        """How many avatars (of `owner` when given)."""
+        return len(self.list(owner))
+
+    def version(self, avatar_id: str) -> str | None:
+        """A token that changes whenever the avatar is replaced; None when unknown."""
+        meta = self.get_meta(avatar_id)
+        return None if meta is None else f"{meta.created!r}"
+
     def health(self) -> dict[str, Any]:
         """What /readyz shows about the store."""
         return {"kind": self.kind}
@@ -148,7 +160,12 @@ class AvatarStore(ABC):
 
 
 class CachedStore(AvatarStore):
-    """A bounded LRU of hot avatars in front of another store (per process)."""
+    """A bounded LRU of hot avatars in front of another store (one per process).
+
+    In front of a shared store (Redis) a cached avatar is used only while the store still
+    holds the same version of it: one small read instead of the whole avatar, and an
+    avatar deleted or replaced through another replica is never served from here.
+    """
 
     def __init__(self, inner: AvatarStore, capacity: int) -> None:
         if capacity < 1:
@@ -156,40 +173,63 @@ class CachedStore(AvatarStore):
         self.inner = inner
         self.capacity = capacity
         self.kind = inner.kind
-        self._avatars: OrderedDict[str, Avatar] = OrderedDict()
+        self.shared = inner.shared
+        self._avatars: OrderedDict[str, tuple[Avatar, str | None]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def _remember(self, avatar: Avatar) -> None:
+    def _remember(self, avatar: Avatar, version: str | None) -> None:
         with self._lock:
-            self._avatars[avatar.id] = avatar
+            self._avatars[avatar.id] = (avatar, version)
             self._avatars.move_to_end(avatar.id)
             while len(self._avatars) > self.capacity:
                 self._avatars.popitem(last=False)
 
     def put(self, avatar: Avatar) -> None:
         self.inner.put(avatar)
-        self._remember(avatar)
+        self._remember(avatar, self.inner.version(avatar.id) if self.shared else None)
+
+    def _cached(self, avatar_id: str) -> Avatar | None:
+        with self._lock:
+            entry = self._avatars.get(avatar_id)
+        if entry is None:
+            return None
+        avatar, version = entry
+        if self.shared and self.inner.version(avatar_id) != version:
+            self.invalidate(avatar_id)
+            return None
+        with self._lock:
+            if avatar_id in self._avatars:
+                self._avatars.move_to_end(avatar_id)
+        return avatar
 
     def get(self, avatar_id: str) -> Avatar | None:
-        with self._lock:
-            avatar = self._avatars.get(avatar_id)
-            if avatar is not None:
-                self._avatars.move_to_end(avatar_id)
-                self.hits += 1
-                return avatar
-            self.misses += 1
+        avatar = self._cached(avatar_id)
+        if avatar is not None:
+            self.hits += 1
+            return avatar
+        self.misses += 1
 
+        # the version first: a replacement in between only costs one more read later
+        version = self.inner.version(avatar_id) if self.shared else None
         avatar = self.inner.get(avatar_id)
         if avatar is not None:
-            self._remember(avatar)
+            self._remember(avatar, version)
         return avatar
 
     def get_meta(self, avatar_id: str) -> AvatarMeta | None:
+        if self.shared:
+            return self.inner.get_meta(avatar_id)
         with self._lock:
-            avatar = self._avatars.get(avatar_id)
-        return avatar.meta if avatar is not None else self.inner.get_meta(avatar_id)
+            entry = self._avatars.get(avatar_id)
+        return entry[0].meta if entry is not None else self.inner.get_meta(avatar_id)
+
+    def version(self, avatar_id: str) -> str | None:
+        return self.inner.version(avatar_id)
+
+    def count(self, owner: str | None = None) -> int:
+        return self.inner.count(owner)
 
     def list(self, owner: str | None = None) -> list[AvatarMeta]:
         return self.inner.list(owner)

@@ -279,6 +279,25 @@ class LocalStore(AvatarStore):
                 self._mark_corrupt(avatar_id, str(error))
         return metas
 
+    def count(self, owner: str | None = None) -> int:
+        with self._lock:
+            if owner is None:
+                row = self._db.execute("SELECT count(*) FROM avatars").fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT count(*) FROM avatars WHERE owner = ?", (owner,)
+                ).fetchone()
+        return int(row[0])
+
+    def version(self, avatar_id: str) -> str | None:
+        if not valid_avatar_id(avatar_id):
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sha256 FROM avatars WHERE id = ?", (avatar_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def delete(self, avatar_id: str) -> bool:
         if not valid_avatar_id(avatar_id):
             return False

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from server.app import create_app
 from server.client import AvatarClient
+from server.lifecycle import make_server
 from server.settings import PROJECT_ROOT, Settings
 
 BUNDLE = PROJECT_ROOT / "weights" / "demo"
@@ -60,6 +60,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "stats_interval_s": 0.5,
         "ws_max_message_bytes": 512 * 1024,
         "max_upload_bytes": 2 * 1024 * 1024,
+        "ws_burst_messages": 1000,  # the backpressure test floods 300 poses at once
         "log_level": "warning",
     }
     values.update(overrides)
@@ -74,14 +75,7 @@ def start_server(settings: Settings) -> RunningServer:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
 
-    config = uvicorn.Config(
-        create_app(settings),
-        log_level="warning",
-        ws_max_size=settings.ws_max_message_bytes,
-        ws_per_message_deflate=False,  # as `avatar serve` runs it
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
+    server = make_server(settings, log_level="warning")  # as `avatar serve` runs it
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn"
     )
