@@ -82,6 +82,10 @@ def check_upload(data: bytes, max_bytes: int, max_pixels: int) -> tuple[str, int
         try:
             with Image.open(io.BytesIO(data)) as image:
                 kind = (image.format or "unknown").lower()
+        except Image.DecompressionBombError as error:
+            raise ApiError(
+                "image_too_large", f"expected at most {max_pixels} pixels, got {error}"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise ApiError(
                 "not_an_image", f"expected a JPEG, PNG or WebP file, got {len(data)} bytes "
@@ -95,6 +99,11 @@ def check_upload(data: bytes, max_bytes: int, max_pixels: int) -> tuple[str, int
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+    except Image.DecompressionBombError as error:
+        # Pillow refuses far over its own limit before we see the size
+        raise ApiError(
+            "image_too_large", f"expected at most {max_pixels} pixels, got {error}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ApiError("bad_image", f"the {kind.upper()} header cannot be read: {error}") from None
     if width * height > max_pixels:
