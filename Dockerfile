@@ -45,9 +45,11 @@ RUN --mount=type=secret,id=ca,required=false \
     && sh deploy/pip.sh install -r /tmp/requirements.txt \
     && sh deploy/pip.sh install --no-deps "$(python deploy/requirements.py mediapipe)"
 COPY --from=wheel /wheels /wheels
+# the project, an import check, and no pip left in the serving venv (about 20 MB)
 RUN pip install --no-deps /wheels/*.whl \
     && python -c "import mediapipe.python.solutions.face_mesh, onnxruntime, server.app" \
-    && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi
+    && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi \
+    && python -m pip uninstall -q -y pip setuptools
 
 # ---------------------------------------------------------------------------------------
 # venv-gpu: onnxruntime-gpu with its CUDA/cuDNN wheels and TensorRT (several GB)
@@ -60,9 +62,11 @@ RUN --mount=type=secret,id=ca,required=false \
     && sh deploy/pip.sh install -r /tmp/requirements.txt \
     && sh deploy/pip.sh install --no-deps "$(python deploy/requirements.py mediapipe)"
 COPY --from=wheel /wheels /wheels
+# the project, an import check, and no pip left in the serving venv (about 20 MB)
 RUN pip install --no-deps /wheels/*.whl \
     && python -c "import mediapipe.python.solutions.face_mesh, onnxruntime, tensorrt, server.app" \
-    && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi
+    && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi \
+    && python -m pip uninstall -q -y pip setuptools
 
 # ---------------------------------------------------------------------------------------
 # runtime: what both serving images share

@@ -3,14 +3,19 @@
     python deploy/smoke_client.py first --url URL --state FILE [--replicas 2] [--poses 60]
     python deploy/smoke_client.py after-restart --url URL --state FILE
 
-`first`: checks that the front spreads requests over every replica, registers the
-sample photo (the astronaut), then streams the recorded pose track over the avatar's
-WebSocket from a replica other than the one that registered it (so the avatar came
-from the shared store), one pose at a time, and checks every frame: it decodes, has the
-bundle's size, echoes its sequence number, and is not blank. It keeps the avatar id and
-a raw reference frame in FILE.
+`first`: checks that the front spreads requests over every replica, that every replica
+uses the shared store (Redis) and wants API keys, that a call without the key is
+refused, registers the sample photo (the astronaut), then streams the recorded pose
+track over the avatar's WebSocket from a replica other than the one that registered it
+(so the avatar came from the shared store), one pose at a time, and checks every frame:
+it decodes, has the bundle's size, echoes its sequence number, and is not blank. It
+keeps the avatar id and a raw reference frame in FILE.
 
-`after-restart`: the avatar is still listed, and renders the reference pose as before.
+`after-restart`: the key still works, the avatar is still listed, and renders the
+reference pose as before.
+
+The API key comes from the environment variable AVATAR_API_KEY (deploy/smoke.sh makes
+one with `avatar keys create` inside the stack).
 
 Exit status 0 when every check passed; the log says what was checked and what failed.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -49,7 +55,8 @@ def check(condition: bool, message: str) -> None:
 
 
 def wait_ready(url: str, replicas: int, timeout_s: float) -> dict:
-    """Wait until /readyz through the front answers 200 from `replicas` distinct replicas."""
+    """Wait until /readyz through the front answers 200 from `replicas` distinct replicas;
+    returns one /readyz body per replica."""
     deadline = time.monotonic() + timeout_s
     seen: dict[str, dict] = {}
     last = "no answer yet"
@@ -61,7 +68,7 @@ def wait_ready(url: str, replicas: int, timeout_s: float) -> dict:
                 if response.status_code == 200:
                     seen[response.headers.get(UPSTREAM_HEADER, "?")] = response.json()
                     if len(seen) >= replicas:
-                        return next(iter(seen.values()))
+                        return seen
             except httpx.HTTPError as error:
                 last = repr(error)
             time.sleep(0.5)
@@ -84,6 +91,32 @@ def check_spread(url: str, replicas: int, requests: int = 40) -> Counter:
         f"front: expected requests spread over {replicas} replicas, got {dict(counts)}",
     )
     return counts
+
+
+def check_replicas(ready: dict[str, dict], store: str) -> int:
+    """Every replica serves the same bundle from the shared store, keys on; the image size."""
+    for upstream, body in ready.items():
+        kind = body.get("store", {}).get("kind")
+        check(kind == store, f"replica {upstream}: expected store {store!r}, got {kind!r}")
+        check(
+            body.get("api_keys") is True,
+            f"replica {upstream}: expected api_keys true, got {body.get('api_keys')!r}",
+        )
+    sizes = {int(body["weights"]["image_size"]) for body in ready.values()}
+    check(len(sizes) == 1, f"replicas: expected one image size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+def check_refused_without_key(url: str) -> None:
+    """The avatar routes want a key: none gives 401 `unauthorized`."""
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        response = http.get("/avatars")
+    code = response.json().get("code") if response.status_code < 500 else None
+    check(
+        response.status_code == 401 and code == "unauthorized",
+        f"GET /avatars without a key: expected 401 unauthorized, "
+        f"got {response.status_code} {response.text[:200]}",
+    )
 
 
 def open_stream_elsewhere(
@@ -139,8 +172,17 @@ def load_poses(count: int) -> np.ndarray:
 
 def run_first(args: argparse.Namespace) -> dict:
     ready = wait_ready(args.url, args.replicas, args.ready_timeout)
-    size = int(ready["weights"]["image_size"])
-    logger.info("front ready: runtime %s, image size %d", ready["runtime"]["name"], size)
+    size = check_replicas(ready, args.store)
+    runtimes = sorted({body["runtime"]["name"] for body in ready.values()})
+    logger.info(
+        "front ready: %d replicas, runtime %s, store %s, keys on, image size %d",
+        len(ready),
+        "/".join(runtimes),
+        args.store,
+        size,
+    )
+    check_refused_without_key(args.url)
+    logger.info("a call without the API key is refused (401 unauthorized)")
 
     counts = check_spread(args.url, args.replicas)
     logger.info(
@@ -150,7 +192,7 @@ def run_first(args: argparse.Namespace) -> dict:
         dict(counts),
     )
 
-    with AvatarClient(args.url, timeout=120.0) as client:
+    with AvatarClient(args.url, timeout=120.0, api_key=args.api_key) as client:
         # register through the front
         started = time.perf_counter()
         response = client.http.post(
@@ -217,16 +259,16 @@ def run_first(args: argparse.Namespace) -> dict:
 
 def run_after_restart(args: argparse.Namespace) -> dict:
     state = json.loads(args.state.read_text())
-    wait_ready(args.url, args.replicas, args.ready_timeout)
+    check_replicas(wait_ready(args.url, args.replicas, args.ready_timeout), args.store)
 
-    with AvatarClient(args.url, timeout=120.0) as client:
+    with AvatarClient(args.url, timeout=120.0, api_key=args.api_key) as client:
         listed = [a["id"] for a in client.list_avatars()]
         check(
             state["avatar_id"] in listed,
             f"after restart: expected avatar {state['avatar_id']} listed, got {listed}",
         )
         avatar = client.get_avatar(state["avatar_id"])
-        logger.info("avatar %s still there after the restart", avatar["id"])
+        logger.info("the key still works; avatar %s still there after the restart", avatar["id"])
 
         # the same pose renders the same frame: the stored state came back intact
         pose = np.asarray(state["pose"], dtype=np.float32)
@@ -258,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--poses", type=int, default=60)
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--store", default="redis", help="Store kind every replica must use")
     args = parser.parse_args(argv)
+    args.api_key = os.environ.get("AVATAR_API_KEY") or None
+    if args.api_key is None:
+        parser.error("AVATAR_API_KEY: expected an API key of the stack, got nothing")
 
     logging.basicConfig(
         level=logging.INFO, format="[smoke-client %(asctime)s] %(message)s", datefmt="%H:%M:%S"
