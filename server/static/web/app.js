@@ -38,11 +38,13 @@ const CLOSE_WORDS = {
   1009: "a message was too big for the server",
   1011: "the server failed while rendering",
   1012: "the server is restarting; try again in a moment",
-  1013: "the server is starting or stopping; try again in a moment",
+  1013: "the server is busy, starting or stopping; try again in a moment",
   4400: "the server did not accept the stream settings",
   4404: "the avatar does not exist on the server (was it deleted?)",
+  4408: "the stream sent nothing for too long, so the server closed it",
   4409: "the avatar was made with other weights than the server runs now; register " +
     "its photo again",
+  4429: "too many streams or messages for this API key; close another stream or slow down",
 };
 
 // plain words for the server's warning events (the stream goes on)
