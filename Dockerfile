@@ -100,6 +100,7 @@ FROM runtime AS gpu
 COPY --from=venv-gpu /opt/venv /opt/venv
 COPY deploy/docker/gpu-entrypoint.sh /usr/local/bin/avatar-gpu-entrypoint
 ENV AVATAR_RUNTIME=tensorrt \
+    AVATAR_PRECISION=fp16 \
     AVATAR_ENGINE_DIR=/engines \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

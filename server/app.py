@@ -153,6 +153,7 @@ def build_runtimes(settings: Settings) -> tuple[FrameRuntime, RegistrationRuntim
             settings.weights_dir,
             max_batch=limit,
             precision=settings.precision,
+            engine_dir=settings.engine_dir,
             threads=threads,
         )
         kind = settings.runtime if settings.runtime in ("onnxruntime", "torch") else "auto"

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         default=Path("weights/demo"),
         description="Weight bundle folder (manifest.json, register.onnx, frame.onnx).",
     )
+    engine_dir: Path | None = Field(
+        default=None,
+        description="Folder of TensorRT engines, built for the GPU found and reused while "
+        "they match it; empty: the weight bundle's engines/ folder.",
+    )
     store_url: str = Field(
         default="",
         description="Avatar store: empty (or file://PATH) for the embedded files + SQLite "
@@ -233,6 +238,16 @@ class Settings(BaseSettings):
     @classmethod
     def _resolve_weights(cls, path: Path) -> Path:
         return resolve_project_path(path.expanduser())
+
+    @field_validator("engine_dir", mode="before")
+    @classmethod
+    def _empty_engine_dir(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("engine_dir", mode="after")
+    @classmethod
+    def _resolve_engine_dir(cls, path: Path | None) -> Path | None:
+        return None if path is None else (Path.cwd() / path.expanduser()).resolve()
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -8,12 +8,15 @@
 # Any other command (`bench`, `build-engine`, ...) is passed to `avatar` unchanged.
 set -eu
 
+# the engine the server will ask for: the same folder, precision and batch profile as
+# `avatar serve` computes from these settings (server/app.py, server/runtime/select.py)
 engine_dir="${AVATAR_ENGINE_DIR:-/engines}"
 bundle="${AVATAR_WEIGHTS_DIR:-/weights}"
-precision="${AVATAR_ENGINE_PRECISION:-fp16}"
-# the engine's batch profile must reach the server's largest batch
-max_batch="${AVATAR_ENGINE_MAX_BATCH:-${AVATAR_MAX_BATCH:-16}}"
-[ "$max_batch" -gt 0 ] || max_batch=16
+precision=fp16
+[ "${AVATAR_PRECISION:-fp16}" = fp32 ] && precision=fp32
+# the largest batch: AVATAR_MAX_BATCH, or the batch search limit when that is 0
+max_batch="${AVATAR_MAX_BATCH:-0}"
+[ "$max_batch" -gt 0 ] || max_batch="${AVATAR_BATCH_SEARCH_LIMIT:-16}"
 engine="$engine_dir/frame-$precision.engine"
 
 log() { echo "avatar-gpu-entrypoint: $*" >&2; }
