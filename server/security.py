@@ -53,14 +53,16 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
-    """A WebSocket's Origin: none (not a browser), the page's own host, or a CORS origin."""
+    """A WebSocket's Origin: none (not a browser), a page of the host it connects to, or a
+    CORS origin. Host names are compared without ports: a front such as nginx often
+    passes `Host` without the public port the page's Origin carries."""
     if origin is None:
         return True
     origin = origin.rstrip("/").lower()
     if "*" in allowed or origin in (o.lower() for o in allowed):
         return True
     netloc = origin.split("://", 1)[-1]
-    return host is not None and netloc == host.strip().lower()
+    return host is not None and host_name(netloc) == host_name(host)
 
 
 class HostCheck:

@@ -394,6 +394,18 @@ def test_cors_and_stream_origins(keyed: KeyedServer, alices_avatar) -> None:
             assert json.loads(ws.recv(timeout=20))["type"] == "ready"
 
 
+def test_stream_origins_behind_a_front() -> None:
+    from server.security import origin_allowed
+
+    # nginx passes `Host: example.org` while the page's Origin names the public port
+    assert origin_allowed("http://example.org:8080", "example.org", [])
+    assert origin_allowed("https://[::1]:8443", "[::1]:8000", [])
+    assert origin_allowed(None, "example.org", [])  # not a browser
+    assert not origin_allowed("https://evil.example", "example.org", [])
+    assert origin_allowed("https://evil.example", "example.org", ["*"])
+    assert origin_allowed("https://app.example/", "example.org", ["https://app.example"])
+
+
 def test_everyone_else_is_served_meanwhile(keyed: KeyedServer, alices_avatar) -> None:
     wait_until_no_streams(keyed)
 
