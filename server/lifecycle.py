@@ -49,7 +49,8 @@ class AvatarServer(uvicorn.Server):
                 server.close()
             for sock in sockets or []:
                 sock.close()
-            await drain(services)
+            if not self.force_exit:  # a second Ctrl+C skips the drain
+                await drain(services)
         await super().shutdown(sockets)
 
 

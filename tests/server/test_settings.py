@@ -70,3 +70,56 @@ def test_a_file_where_a_folder_belongs_fails(tmp_path: Path) -> None:
 def test_file_store_url(tmp_path: Path) -> None:
     settings = Settings(store_url=f"file://{tmp_path}/elsewhere")
     assert settings.store_dir == tmp_path / "elsewhere"
+
+
+def test_lists_from_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("AVATAR_TRUSTED_HOSTS", "avatars.example.com, *.internal")
+    monkeypatch.setenv("AVATAR_CORS_ORIGINS", '["https://app.example.com/"]')
+    monkeypatch.setenv("AVATAR_API_KEYS", "true")
+    monkeypatch.setenv("AVATAR_HOST", "0.0.0.0")
+    settings = Settings(data_dir=tmp_path)
+    assert settings.trusted_hosts == ["avatars.example.com", "*.internal"]
+    assert settings.cors_origins == ["https://app.example.com"]
+    assert settings.api_keys and settings.host == "0.0.0.0"
+
+
+def test_store_urls(tmp_path: Path) -> None:
+    redis = Settings(data_dir=tmp_path, store_url="redis://:secret@cache:6379/2")
+    assert redis.store_kind == "redis"
+    assert Settings(data_dir=tmp_path).store_kind == "local"
+    from server.settings import redact_url
+
+    assert redact_url("redis://:secret@cache:6379/2") == "redis://***@cache:6379/2"
+    assert redact_url("redis://user:secret@cache:6379/0") == "redis://user:***@cache:6379/0"
+    assert redact_url("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+def test_serve_names_the_unsafe_setting_and_exits_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import _register_commands
+    from server.cli import app as cli_app
+
+    _register_commands()
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "0.0.0.0 is reachable from other machines" in result.output
+    assert "AVATAR_ALLOW_UNAUTHENTICATED_NETWORK" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_stream_tokens_stay_out_of_the_logs() -> None:
+    import logging
+
+    from server.security import RedactTokens
+
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" %s',
+        ("127.0.0.1:5000", "/avatars/abc/stream?token=avk_0123456789ab_SECRET&x=1",
+         "[accepted]"), None,
+    )
+    assert RedactTokens().filter(record)
+    text = record.getMessage()
+    assert "SECRET" not in text and "token=***&x=1" in text
