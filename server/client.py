@@ -210,14 +210,18 @@ class PoseStream:
     def send_pose(
         self, seq: int, points: np.ndarray, *, normalised: bool, width: int = 0, height: int = 0
     ) -> None:
-        self.socket.send(pack_pose(seq, points, normalised=normalised, width=width,
-                                   height=height))
+        self.send_raw(pack_pose(seq, points, normalised=normalised, width=width,
+                                height=height))
 
     def send_camera(self, seq: int, jpeg: bytes) -> None:
-        self.socket.send(pack_camera(seq, jpeg))
+        self.send_raw(pack_camera(seq, jpeg))
 
     def send_raw(self, data: bytes | str) -> None:
-        self.socket.send(data)
+        """Send one message; StreamClosed when the server has closed the stream."""
+        try:
+            self.socket.send(data)
+        except ConnectionClosed as closed:
+            raise self._closed(closed) from None
 
     def receive(self, timeout: float | None = 30.0) -> FrameMessage | dict[str, Any]:
         """The next frame message or JSON event; StreamClosed when the server closed."""
@@ -353,23 +357,31 @@ class AsyncPoseStream:
     async def send_pose(
         self, seq: int, points: np.ndarray, *, normalised: bool, width: int = 0, height: int = 0
     ) -> None:
-        await self.socket.send(
+        await self.send_raw(
             pack_pose(seq, points, normalised=normalised, width=width, height=height)
         )
 
     async def send_camera(self, seq: int, jpeg: bytes) -> None:
-        await self.socket.send(pack_camera(seq, jpeg))
+        await self.send_raw(pack_camera(seq, jpeg))
+
+    async def send_raw(self, data: bytes | str) -> None:
+        """Send one message; StreamClosed when the server has closed the stream."""
+        try:
+            await self.socket.send(data)
+        except ConnectionClosed as closed:
+            raise self._closed(closed) from None
+
+    def _closed(self, closed: ConnectionClosed) -> StreamClosed:
+        rcvd = closed.rcvd
+        error = next((e for e in reversed(self.events) if e.get("type") == "error"), None)
+        return StreamClosed(rcvd.code if rcvd else None, rcvd.reason if rcvd else "", error)
 
     async def receive(self) -> FrameMessage | dict[str, Any]:
         """The next frame message or JSON event; StreamClosed when the server closed."""
         try:
             data = await self.socket.recv()
         except ConnectionClosed as closed:
-            rcvd = closed.rcvd
-            error = next((e for e in reversed(self.events) if e.get("type") == "error"), None)
-            raise StreamClosed(
-                rcvd.code if rcvd else None, rcvd.reason if rcvd else "", error
-            ) from None
+            raise self._closed(closed) from None
         if isinstance(data, str):
             message = json.loads(data)
             self.events.append(message)

@@ -243,16 +243,18 @@ async def _bench_stream(
     latencies: list[float] = []
     received = 0
     stats: dict[str, Any] = {}
+    closed: dict[str, Any] | None = None  # how the server closed the stream, if it did
 
     async with AsyncAvatarClient(server, api_key=api_key) as client:
         stream = await client.stream(avatar["id"], format=fmt)
 
         async def receive() -> None:
-            nonlocal received, stats
+            nonlocal received, stats, closed
             while True:
                 try:
                     message = await stream.receive()
-                except StreamClosed:
+                except StreamClosed as error:
+                    closed = {"code": error.code, "reason": error.reason}
                     return
                 now = time.perf_counter()
                 if isinstance(message, FrameMessage):
@@ -267,23 +269,31 @@ async def _bench_stream(
         period = 1.0 / fps
         start = time.perf_counter() + index * period / 7  # streams out of phase
         count = int(seconds * fps)
+        sent = 0
         for seq in range(count):
             delay = start + seq * period - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if reader.done():
+                break  # the server closed the stream
             nod = np.tile([0.0, 0.03 * np.sin(seq / 6 + index)], 68).astype(np.float32)
             sent_at[seq] = time.perf_counter()
-            await stream.send_pose(seq, np.clip(pose + nod, -1, 1), normalised=True)
+            try:
+                await stream.send_pose(seq, np.clip(pose + nod, -1, 1), normalised=True)
+            except StreamClosed:
+                break
+            sent += 1
 
         # let the frames in flight arrive (the newest pose is never dropped)
         deadline = time.perf_counter() + 2.0
-        while count - 1 in sent_at and time.perf_counter() < deadline:
+        while sent - 1 in sent_at and not reader.done() and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         await stream.close()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
 
-    return {"sent": count, "received": received, "latencies": latencies, "stats": stats}
+    return {"sent": sent, "received": received, "latencies": latencies, "stats": stats,
+            "closed": closed if sent < count else None}
 
 
 def bench_stream_command(
@@ -358,6 +368,7 @@ def bench_stream_command(
         "fps_total": round(frames / seconds, 2),
         "seconds": round(elapsed, 2),
         "avatar": info["id"],
+        "closed_early": [r["closed"] for r in results if r["closed"] is not None],
         "server_rss_mb": {
             "start": rss[0] if rss else None,
             "end": rss[-1] if rss else None,
@@ -365,8 +376,11 @@ def bench_stream_command(
             "samples": len(rss),
         },
     }
+    early = report["closed_early"]
     if json_out:
         typer.echo(json.dumps(report))
+        if early:
+            raise typer.Exit(1)
         return
     lat = report["latency_ms"]
     typer.echo(
@@ -381,3 +395,5 @@ def bench_stream_command(
             f"server resident memory: {memory['start']} MB at the start, {memory['end']} MB "
             f"at the end, {memory['max']} MB at most ({memory['samples']} samples)"
         )
+    if early:
+        raise _fail(f"{len(early)} stream(s) closed by the server before the end: {early[0]}")

@@ -244,6 +244,7 @@ class StreamSession:
         self._frame_free = asyncio.Event()
         self._frame_free.set()
         self._busy = False  # the worker holds a pose whose frame is not handed over yet
+        self._sending = False  # the sender is writing a message to the socket
         self._closing: asyncio.Future[SessionClosed] | None = None
 
         # counters, reported in stats events
@@ -330,11 +331,14 @@ class StreamSession:
         def running() -> bool:
             return not worker.done() and not sender.done() and loop.time() < deadline
 
-        while running() and (self._busy or len(self._pending) or self._outbox is not None):
+        def pending_frames() -> bool:
+            return bool(self._busy or len(self._pending) or self._outbox is not None)
+
+        while running() and (pending_frames() or self._sending):
             await asyncio.sleep(0.005)
         if self.protocol.state is SessionState.STREAMING:
             self._push_event(self._stats_event(time.perf_counter()))
-        while running() and self._events:
+        while running() and (self._events or self._sending):
             await asyncio.sleep(0.005)
 
     def _outcome(self, finished: asyncio.Future[Any]) -> ProtocolError | None:
@@ -549,12 +553,16 @@ class StreamSession:
                     self._events.append(self._stats_event(now))
 
             while self._events:
+                self._sending = True
                 await socket.send_text(self._events.popleft())
+                self._sending = False
 
             if self._outbox is not None:
                 data, received = self._outbox, self._outbox_received
                 self._outbox = None
+                self._sending = True
                 await socket.send_bytes(data)
+                self._sending = False
                 elapsed = time.perf_counter() - received
                 latency.observe(elapsed)
                 self._window_latency.append(elapsed * 1000.0)

@@ -76,3 +76,8 @@ def test_bench_stream_prints_the_documented_json(live_server: RunningServer, ast
     assert report["frames"] > 0
     assert set(report["latency_ms"]) == {"p50", "p95", "p99"}
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    # the server's resident set over the run (the soak's figures), nothing closed early
+    memory = report["server_rss_mb"]
+    assert memory["samples"] >= 2 and 10 < memory["start"] <= memory["max"]
+    assert memory["end"] <= memory["max"]
+    assert report["closed_early"] == []
