@@ -69,7 +69,7 @@ async def drive(url: str, pose: np.ndarray, started: threading.Event) -> dict[st
 
 
 def test_graceful_shutdown_with_open_streams(tmp_path: Path) -> None:
-    server = spawn_server(tmp_path, shutdown_delay_s=1.0, drain_timeout_s=5.0)
+    server = spawn_server(tmp_path, shutdown_delay_s=1.5, drain_timeout_s=5.0)
     terminated = False
     try:
         with AvatarClient(server.url) as client:
