@@ -9,7 +9,7 @@ small (about 300 MB less):
 - mediapipe is installed without its declared dependencies. Its wheel asks for jax,
   jaxlib, sounddevice and sentencepiece, which only its LLM-conversion and audio tasks
   import; the face-mesh and selfie-segmentation solutions the pose pipeline uses need
-  only the packages in MEDIAPIPE_RUNTIME below (tests/deploy checks this).
+  only the packages in MEDIAPIPE_RUNTIME below (the image build imports them to check).
 - OpenCV is the headless build: the same cv2 without the X11 and OpenGL libraries, so
   the image needs no extra Debian packages.
 
