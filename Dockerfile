@@ -47,7 +47,8 @@ RUN --mount=type=secret,id=ca,required=false \
 COPY --from=wheel /wheels /wheels
 # the project, an import check, and no pip left in the serving venv (about 20 MB)
 RUN pip install --no-deps /wheels/*.whl \
-    && python -c "import mediapipe.python.solutions.face_mesh, onnxruntime, server.app" \
+    && python -c "from mediapipe.python.solutions import face_mesh, selfie_segmentation" \
+    && python -c "import onnxruntime, server.app" \
     && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi \
     && python -m pip uninstall -q -y pip setuptools
 
@@ -64,7 +65,8 @@ RUN --mount=type=secret,id=ca,required=false \
 COPY --from=wheel /wheels /wheels
 # the project, an import check, and no pip left in the serving venv (about 20 MB)
 RUN pip install --no-deps /wheels/*.whl \
-    && python -c "import mediapipe.python.solutions.face_mesh, onnxruntime, tensorrt, server.app" \
+    && python -c "from mediapipe.python.solutions import face_mesh, selfie_segmentation" \
+    && python -c "import onnxruntime, tensorrt, server.app" \
     && if python -c "import torch" 2>/dev/null; then echo "torch in the image" >&2; exit 1; fi \
     && python -m pip uninstall -q -y pip setuptools
 
