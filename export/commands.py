@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -60,6 +60,11 @@ def export_command(
 
     # the bundle
     with console.status("exporting") as status:
+
+        def progress(message: str) -> None:
+            status.update(message)
+            console.print(message)
+
         manifest = write_bundle(
             model,
             cfg,
@@ -68,7 +73,7 @@ def export_command(
             fp16_checkpoint=not fp32_checkpoint,
             opset=opset,
             notes={"source_checkpoint": str(checkpoint) if checkpoint else None, "seed": seed},
-            progress=lambda message: (status.update(message), console.print(message)),
+            progress=progress,
         )
 
     # parity, on the weights exactly as stored in the bundle
@@ -133,7 +138,7 @@ def build_engine_command(
     )
 
     manifest = load_manifest(bundle)
-    precision = "fp32" if fp32 else "fp16"
+    precision: Literal["fp16", "fp32"] = "fp32" if fp32 else "fp16"
     engine_path = out or default_engine_path(bundle, precision)
     onnx_path = manifest.graph_path("frame")
 
@@ -154,7 +159,7 @@ def build_engine_command(
                     raise typer.Exit(code=1) from error
         metadata = build_engine(
             onnx_path, engine_path, max_batch=max_batch, opt_batch=opt_batch,
-            precision=precision, device=device,  # type: ignore[arg-type]
+            precision=precision, device=device,
         ).to_dict()
     except ImportError as error:
         typer.echo(f"cannot build an engine here: {error}", err=True)
@@ -177,11 +182,25 @@ def bench_frame_command(
     bundle: Annotated[
         Path | None, typer.Option(help="Measure this bundle's weights instead of random ones.")
     ] = None,
+    registration: Annotated[
+        bool,
+        typer.Option(help="Also time registration, with and without the Enhancer (ONNX)."),
+    ] = False,
     json_out: Annotated[Path | None, typer.Option(help="Also write the JSON here.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Per-frame speed of several runtimes in one run (ratios compare; raw ms are noisy)."""
-    from export.bench import DEFAULT_RUNTIMES, run_frame_bench
+    from export.bench import DEFAULT_RUNTIMES, PRECISION, run_frame_bench, run_register_bench
+
+    if preset not in ("paper", "small"):
+        raise typer.BadParameter(f"expected paper or small, got {preset!r}", param_hint="--preset")
+    unknown = [name for name in runtime or [] if name not in PRECISION]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {unknown}; expected some of {sorted(PRECISION)}", param_hint="--runtime"
+        )
+    if batch < 1:
+        raise typer.BadParameter(f"expected 1 or more, got {batch}", param_hint="--batch")
 
     result = run_frame_bench(
         preset=preset,
@@ -192,16 +211,27 @@ def bench_frame_command(
         bundle=bundle,
         log=lambda message: typer.echo(message, err=True),
     )
+    if registration:
+        result["registration"] = run_register_bench(
+            preset=result["preset"], threads=threads, bundle=bundle,
+            log=lambda message: typer.echo(message, err=True),
+        )["results"]
     text = json.dumps(result, indent=2)
     if json_out is not None:
         json_out.write_text(text + "\n")
     if json_output:
         typer.echo(text)
         return
-    typer.echo(f"conv peak: {result['conv_peak_gflops']:.1f} GFLOP/s")
+    typer.echo(
+        f"{result['preset']} ({result['weights']} weights), {result['threads']} threads, "
+        f"{result['frame_gmac']} GMAC/frame; conv peak: {result['conv_peak_gflops']:.1f} GFLOP/s"
+    )
     for row in result["results"]:
         typer.echo(
             f"{row['runtime']:28s} {row['precision']:5s} b{row['batch']}: "
             f"{row['ms_per_frame']:7.2f} ms/frame {row['fps']:7.1f} fps "
-            f"{row['gflops']:6.1f} GFLOP/s"
+            f"{row['gflops']:6.1f} GFLOP/s  PSNR {row['psnr_vs_fp32_db']} dB"
         )
+    for row in result.get("registration", []):
+        typer.echo(f"registration ({row['runtime']}, enhancer {row['enhancer']}): "
+                   f"{row['seconds']:.3f} s")

@@ -28,7 +28,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from models.bilayer import BilayerModel
 from models.config import NUM_GENERATOR_BLOCKS, POSE_SIZE
-from models.layers import AdaptiveBatchNorm, adaptive_conv1x1, bilinear_sample
-from models.networks import ParamLayout
+from models.layers import AdaptiveBatchNorm, bilinear_sample, identity_grid
+from models.networks import InferenceBlock, ParamLayout
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def frame_param_layout(model: BilayerModel) -> ParamLayout:
 
 def _bn_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm as y = x * a + c; returns (a, c), each [C]."""
-    assert norm.running_var is not None and norm.running_mean is not None
+    if norm.running_var is None or norm.running_mean is None:
+        raise ValueError("batch norm without running statistics cannot be folded")
     a = torch.rsqrt(norm.running_var + norm.eps)
     c = -norm.running_mean * a
     if norm.affine:
@@ -79,6 +80,10 @@ def _adaptive_norms(model: BilayerModel) -> dict[str, nn.BatchNorm2d]:
 class ParamFolder(nn.Module):
     """Folds the adaptive norms' running statistics into raw avatar params [B, P]."""
 
+    gain: Tensor
+    mean: Tensor
+    scale_source: Tensor
+
     def __init__(self, model: BilayerModel) -> None:
         super().__init__()
         self.layout = frame_param_layout(model)
@@ -95,6 +100,8 @@ class ParamFolder(nn.Module):
             offset += math.prod(shape)
         for owner, norm in norms.items():
             channels = norm.num_features
+            if norm.running_mean is None or norm.running_var is None:
+                raise ValueError(f"{owner}: batch norm without running statistics")
             start = offsets[f"{owner}.scale"]
             gain[start : start + channels] = torch.rsqrt(norm.running_var + norm.eps)
             bias_start = offsets[f"{owner}.bias"]
@@ -132,8 +139,15 @@ class FrameGraph(nn.Module):
     runtime) and the composition (grid, warp, uint8 conversion) in FP32.
     """
 
-    def __init__(self, model: BilayerModel) -> None:
+    first_scale: Tensor
+    first_bias: Tensor
+    identity_grid: Tensor
+    head: nn.Conv2d
+
+    def __init__(self, model: BilayerModel, upsample_mode: str = "phases") -> None:
         super().__init__()
+        if upsample_mode not in ("phases", "resize"):
+            raise ValueError(f"upsample_mode: expected 'phases' or 'resize', got {upsample_mode!r}")
         cfg = model.cfg
         self.image_size = cfg.image_size
         self.align_corners = cfg.align_corners
@@ -147,17 +161,39 @@ class FrameGraph(nn.Module):
         self.base_channels = mlp.out_channels
         self.base_size = mlp.size
         first_norm = model.inference_generator.blocks[0].norm1
-        assert isinstance(first_norm, nn.BatchNorm2d)
+        if not isinstance(first_norm, nn.BatchNorm2d):
+            raise TypeError(f"first norm: expected BatchNorm2d, got {type(first_norm).__name__}")
         a, c = _bn_affine(first_norm)
         self.register_buffer("first_scale", a[None, :, None, None].clone())  # [1, C0, 1, 1]
         self.register_buffer("first_bias", c[None, :, None, None].clone())  # [1, C0, 1, 1]
 
         # the generator's convolutions (the norms live in the params now)
         generator = model.inference_generator
-        self.conv1 = nn.ModuleList(copy.deepcopy(b.conv1) for b in generator.blocks)
-        self.conv2 = nn.ModuleList(copy.deepcopy(b.conv2) for b in generator.blocks)
+        blocks = [block for block in generator.blocks if isinstance(block, InferenceBlock)]
+        self.conv1 = nn.ModuleList(copy.deepcopy(block.conv1) for block in blocks)
+        self.conv2 = nn.ModuleList(copy.deepcopy(block.conv2) for block in blocks)
         self.head = copy.deepcopy(generator.head)
-        self.register_buffer("identity_grid", model.identity_grid.clone())  # [1, S, S, 2]
+        grid = identity_grid(cfg.image_size, cfg.align_corners)
+        self.register_buffer("identity_grid", grid)  # [1, S, S, 2]
+
+        # nearest x2 then conv2 == four 2x2 convs on the low-resolution input, one per
+        # output phase (a, b), interleaved: 16/36 of the multiply-adds
+        self.upsample_mode = upsample_mode
+        self.conv2_phases = nn.ModuleList(
+            _phase_convs(cast(nn.Conv2d, conv)) for conv in self.conv2
+        )
+
+    def set_network_dtype(self, dtype: torch.dtype) -> FrameGraph:
+        """Run the networks in `dtype` (e.g. BF16); the head, the grid and the warp stay FP32.
+
+        The head stays in FP32 because its Δuv output steers the warp: BF16's 8-bit
+        mantissa would round offsets near 1 by ~0.004, half a pixel at 256 px.
+        """
+        for module in (self.mlp, self.conv1, self.conv2, self.conv2_phases):
+            module.to(dtype)
+        self.first_scale = self.first_scale.to(dtype)
+        self.first_bias = self.first_bias.to(dtype)
+        return self
 
     def network(self, pose: Tensor, params: Tensor) -> Tensor:
         """Pose and folded params -> the 6 head channels [B, 6, S, S]."""
@@ -183,18 +219,25 @@ class FrameGraph(nn.Module):
             h = h * p[f"{name}.norm2.scale"][:, :, None, None] + p[f"{name}.norm2.bias"][
                 :, :, None, None
             ]
-            h = F.interpolate(F.leaky_relu(h, slope), scale_factor=2.0, mode="nearest")
-            h = self.conv2[j](h)  # [B, Cout, 2s, 2s]
-
-            skip = adaptive_conv1x1(x, p[f"{name}.skip.weight"], p[f"{name}.skip.bias"])
-            x = h + F.interpolate(skip, scale_factor=2.0, mode="nearest")
+            h = F.leaky_relu(h, slope)
+            size = self.base_size * 2**j
+            skip = _skip_conv(x, p[f"{name}.skip.weight"], p[f"{name}.skip.bias"], size)
+            if self.upsample_mode == "phases":
+                phases = cast(nn.ModuleList, self.conv2_phases[j])
+                x = _upsample_conv(h, phases, skip)  # [B, Cout, 2s, 2s]
+            else:
+                h = self.conv2[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                x = h + F.interpolate(skip, scale_factor=2.0, mode="nearest")
 
         x = x * p["final_norm.scale"][:, :, None, None] + p["final_norm.bias"][:, :, None, None]
-        return self.head(F.leaky_relu(x, slope))  # [B, 6, S, S]
+        x = F.leaky_relu(x, slope).to(self.head.weight.dtype)
+        return self.head(x)  # [B, 6, S, S]
 
     def forward(self, pose: Tensor, texture: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = self.head.weight.dtype
+        dtype = cast(nn.Conv2d, self.conv1[0]).weight.dtype
         out = self.network(pose.to(dtype), params.to(dtype)).float()  # [B, 6, S, S]
+        if out.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous()
 
         # composition in FP32: warp the texture, add the LF layer, mask the background
         delta_uv = torch.tanh(out[:, 0:2])  # [B, 2, S, S]
@@ -210,12 +253,55 @@ class FrameGraph(nn.Module):
         return frame, mask_u8
 
 
+# For output row phase a, the three 3x3 taps over the upsampled rows land on two source
+# rows: a = 0 reads rows (i-1, i) with taps (0, 1+2); a = 1 reads (i, i+1) with (0+1, 2).
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _phase_convs(conv: nn.Conv2d) -> nn.ModuleList:
+    """The four 2x2 convs (a, b) equal to `conv` (3x3, pad 1) after nearest x2 upsampling."""
+    phases = nn.ModuleList()
+    for a, b in _PHASES:
+        kernel = torch.einsum(
+            "pk,oikl,ql->oipq", _PHASE_TAPS[a], conv.weight.detach(), _PHASE_TAPS[b]
+        )  # [Cout, Cin, 2, 2]
+        phase = nn.Conv2d(conv.in_channels, conv.out_channels, 2, bias=conv.bias is not None)
+        with torch.no_grad():
+            phase.weight.copy_(kernel)
+            if conv.bias is not None and phase.bias is not None:
+                phase.bias.copy_(conv.bias)
+        phases.append(phase)
+    return phases
+
+
+def _upsample_conv(h: Tensor, phases: nn.ModuleList, skip: Tensor) -> Tensor:
+    """conv(upsample_nearest_x2(h)) + upsample_nearest_x2(skip), computed per phase."""
+    channels, size = skip.shape[1], skip.shape[2]
+    outputs = []
+    for (a, b), conv in zip(_PHASES, phases, strict=True):
+        padded = F.pad(h, (1 - b, b, 1 - a, a))  # (left, right, top, bottom)
+        outputs.append(conv(padded) + skip)  # [B, Cout, s, s]
+    stacked = torch.stack(outputs, dim=2)  # [B, Cout, 4, s, s]
+    return F.pixel_shuffle(stacked.reshape(-1, 4 * channels, size, size), 2)  # [B, Cout, 2s, 2s]
+
+
+def _skip_conv(x: Tensor, weight: Tensor, bias: Tensor, size: int) -> Tensor:
+    """Per-avatar 1x1 conv: x [B, Cin, s, s], weight [B, Cout, Cin], bias [B, Cout]."""
+    channels, out_channels = weight.shape[2], weight.shape[1]
+    out = torch.bmm(weight, x.reshape(-1, channels, size * size))  # [B, Cout, s*s]
+    return out.reshape(-1, out_channels, size, size) + bias[:, :, None, None]
+
+
 class SpecialisedFrameGraph(nn.Module):
     """The per-frame graph of one avatar: texture and params baked in as constants.
 
     Used to measure what statelessness costs on a CPU (ONNX Runtime then folds the
     avatar's scales into the convolutions).
     """
+
+    texture: Tensor
+    params: Tensor
 
     def __init__(self, frame_graph: FrameGraph, texture: Tensor, params: Tensor) -> None:
         super().__init__()
@@ -252,6 +338,25 @@ def _check(path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
+def _declare_outputs(path: Path, shapes: dict[str, list[int | str]]) -> None:
+    """Write the outputs' full shapes into the graph.
+
+    The tracer loses the static sizes behind reshapes with a -1 batch, so the outputs
+    would read [batch, ?, ?, 3]; the sizes are known, and runtimes and tests read them.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, value in zip(dims, shapes[output.name], strict=True):
+            if isinstance(value, int):
+                dim.dim_value = value
+            else:
+                dim.dim_param = value
+    onnx.save(model, str(path))
+
+
 def export_frame_graph(
     model: BilayerModel, cfg: Any, path: Path, *, opset: int = DEFAULT_OPSET
 ) -> Path:
@@ -278,6 +383,7 @@ def export_frame_graph(
             dynamic_axes=batch_axes,
             do_constant_folding=True,
         )
+    _declare_outputs(path, {"frame": ["batch", size, size, 3], "mask": ["batch", size, size]})
     _check(path)
     logger.info("per-frame graph written to %s", path)
     return Path(path)
@@ -288,6 +394,7 @@ def export_specialised_frame_graph(
 ) -> Path:
     """Write the per-frame graph of one avatar (input: pose only; dynamic batch)."""
     graph = SpecialisedFrameGraph(frame_graph, texture, params).eval()
+    size = frame_graph.image_size
     with torch.no_grad():
         torch.onnx.export(
             graph,
@@ -300,6 +407,7 @@ def export_specialised_frame_graph(
             dynamic_axes={name: {0: "batch"} for name in ["pose", *FRAME_OUTPUT_NAMES]},
             do_constant_folding=True,
         )
+    _declare_outputs(path, {"frame": ["batch", size, size, 3], "mask": ["batch", size, size]})
     _check(path)
     return Path(path)
 

@@ -126,7 +126,9 @@ def _build_frame(
     options_t = TorchOptions(
         device=device, precision=precision, compile=precision != "fp32", threads=threads
     )
-    return TorchFrameRuntime(manifest.checkpoint_path, max_batch=max_batch, options=options_t)
+    return TorchFrameRuntime.from_checkpoint(
+        manifest.checkpoint_path, max_batch=max_batch, options=options_t
+    )
 
 
 def build_frame_runtime(

@@ -58,12 +58,9 @@ class TorchFrameRuntime:
     """The per-frame graph in PyTorch (eager or compiled; FP32, BF16 or FP16)."""
 
     def __init__(
-        self, checkpoint: Path, *, max_batch: int = 8, options: TorchOptions | None = None
+        self, graph: Any, *, max_batch: int = 8, options: TorchOptions | None = None
     ) -> None:
         torch = _import_torch()
-        from export.checkpoint import load_generator
-        from export.onnx_export import FrameGraph
-
         self.options = options or TorchOptions()
         device = self.options.device
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,35 +68,51 @@ class TorchFrameRuntime:
         if device == "cpu":
             torch.set_num_threads(self.options.threads or physical_cores())
 
-        model, cfg = load_generator(checkpoint)
         self.dtype = _dtype(torch, self.options.precision, device)
-        self.graph = FrameGraph(model).to(device).eval()
+        self.graph = graph.to(device).eval()
+        if self.precision_is_reduced:
+            self.graph.set_network_dtype(self.dtype)
         self.name = f"torch-{device.split(':')[0]}"
         self.precision = self.options.precision
-        self.image_size = cfg.image_size
-        self.param_count = self.graph.param_count
+        self.image_size = int(graph.image_size)
+        self.param_count = int(graph.param_count)
         self.max_batch = max_batch
         self._torch = torch
         self._lock = threading.Lock()
         self._forward = self._build_forward()
 
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Path, *, max_batch: int = 8, options: TorchOptions | None = None
+    ) -> TorchFrameRuntime:
+        """Load the generator of a bundle (or training) checkpoint."""
+        _import_torch()
+        from export.checkpoint import load_generator
+        from export.onnx_export import FrameGraph
+
+        model, _ = load_generator(checkpoint)
+        return cls(FrameGraph(model), max_batch=max_batch, options=options)
+
+    @property
+    def precision_is_reduced(self) -> bool:
+        return self.options.precision != "fp32"
+
     def _build_forward(self) -> Any:
         """The callable that maps (pose, texture, params) tensors to uint8 outputs."""
         torch = self._torch
         graph = self.graph
-        if self.options.device == "cpu" or self.precision != "fp32":
-            graph = graph.to(memory_format=torch.channels_last)
-
-        def forward(pose: Any, texture: Any, params: Any) -> Any:
-            with torch.inference_mode(), torch.autocast(
-                device_type=self.options.device.split(":")[0],
-                dtype=self.dtype,
-                enabled=self.precision != "fp32",
-            ):
-                return graph(pose, texture, params)
+        if self.options.device == "cpu":
+            # oneDNN prefers channels-last activations for its convolutions
+            graph = graph.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         if not (self.options.compile or self.options.cuda_graphs):
+
+            def forward(pose: Any, texture: Any, params: Any) -> Any:
+                with torch.inference_mode():
+                    return graph(pose, texture, params)
+
             return forward
+
         mode = "reduce-overhead" if self.options.cuda_graphs else "max-autotune-no-cudagraphs"
         if self.options.device == "cpu":
             # frozen weights let the CPU backend pre-pack convolutions for oneDNN
@@ -107,7 +120,15 @@ class TorchFrameRuntime:
 
             inductor_config.freezing = True
             mode = "default"
-        return torch.compile(forward, mode=mode, dynamic=False)
+        compiled = torch.compile(graph, mode=mode, dynamic=False)
+
+        # no_grad, not inference_mode: the compiler's frozen parameters keep version
+        # counters, which inference tensors cannot carry
+        def compiled_forward(pose: Any, texture: Any, params: Any) -> Any:
+            with torch.no_grad():
+                return compiled(pose, texture, params)
+
+        return compiled_forward
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run (and for compiled graphs, compile) each batch size once; returns seconds."""
@@ -145,7 +166,7 @@ class TorchFrameRuntime:
 
     def close(self) -> None:
         """Drop the module (and the compiled code with it)."""
-        self.graph = None
+        self.__dict__.pop("graph", None)
         self._forward = None
 
 
@@ -178,4 +199,5 @@ class TorchRegistrationRuntime:
         return AvatarTensors(texture=texture[0].cpu().numpy(), params=params[0].cpu().numpy())
 
     def close(self) -> None:
-        self.graph = None
+        """Drop the module."""
+        self.__dict__.pop("graph", None)
