@@ -357,6 +357,31 @@ def _declare_outputs(path: Path, shapes: dict[str, list[int | str]]) -> None:
     onnx.save(model, str(path))
 
 
+def _restore_inputs(path: Path, example: dict[str, Tensor]) -> None:
+    """Declare inputs the tracer dropped because the graph does not read them.
+
+    Without the Enhancer the registration graph never reads `pose` (only the Enhancer's
+    source render needs it); the input stays declared so that every registration graph
+    has the same contract.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    present = [value.name for value in model.graph.input]
+    if present == list(example):
+        return
+    inputs = []
+    for name, tensor in example.items():
+        found = [value for value in model.graph.input if value.name == name]
+        inputs.append(found[0] if found else onnx.helper.make_tensor_value_info(
+            name, onnx.TensorProto.FLOAT, list(tensor.shape)
+        ))
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
+    logger.info("%s: declared unused input(s) %s", path, sorted(set(example) - set(present)))
+
+
 def export_frame_graph(
     model: BilayerModel, cfg: Any, path: Path, *, opset: int = DEFAULT_OPSET
 ) -> Path:
@@ -442,6 +467,7 @@ def export_register_graph(
             output_names=REGISTER_OUTPUT_NAMES,
             do_constant_folding=True,
         )
+    _restore_inputs(path, dict(zip(REGISTER_INPUT_NAMES, example, strict=True)))
     _check(path)
     logger.info("registration graph written to %s (enhancer: %s)", path, enhance)
     return Path(path)
