@@ -199,23 +199,50 @@ def eval_command(
     ] = None,
     pairs: Annotated[int, typer.Option(help="At most this many pairs (0: all).")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    grid: Annotated[
+        Path | None,
+        typer.Option(help="Also save a PNG of held-out examples: source | pose | output | target."),
+    ] = None,
+    grid_rows: Annotated[int, typer.Option(help="Rows of the example grid.")] = 6,
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """PSNR, SSIM and pose error of the model vs the unchanged-source baseline."""
-    from models.evaluate import default_paths, evaluate
+    from models.evaluate import default_paths, evaluate, example_grid
 
     checkpoint_path, data_path = default_paths(checkpoint, data)
     report = evaluate(checkpoint_path, data_path, max_pairs=pairs, device=device)
+    if grid is not None:
+        report["grid"] = str(example_grid(checkpoint_path, data_path, grid, count=grid_rows))
     if json_output:
         typer.echo(json.dumps(report))
         return
     for name in ("model", "baseline"):
         figures = report[name]
+        error = figures["pose_error"]
+        error_text = "n/a (no face found)" if error is None else f"{error:.3f}"
         typer.echo(
             f"{name:9s} PSNR {figures['psnr']:.2f} dB  SSIM {figures['ssim']:.3f}  "
-            f"pose error {figures['pose_error']:.3f} (faces found {figures['detected']:.0%})"
+            f"pose error {error_text} (faces found {figures['detected']:.0%})"
         )
     typer.echo(f"pairs: {report['pairs']}")
+    if grid is not None:
+        typer.echo(f"examples: {report['grid']}")
+
+
+def curve_command(
+    metrics: Annotated[
+        list[Path],
+        typer.Argument(help="metrics.jsonl of one run, or of its stages in order.", exists=True),
+    ],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("training-curve.png"),
+    smooth: Annotated[int, typer.Option(help="Moving average over this many log points.")] = 5,
+) -> None:
+    """Plot the named loss terms of training runs (their metrics.jsonl) into one PNG."""
+    from models.evaluate import plot_training_curves
+
+    if smooth < 1:
+        raise typer.BadParameter(f"expected 1 or more, got {smooth}", param_hint="--smooth")
+    typer.echo(str(plot_training_curves(list(metrics), out, smooth=smooth)))
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ COMMANDS: list[tuple[typer.Typer, str, str]] = [
     (app, "prepare-data", "models.data.commands:prepare_data_command"),
     (app, "eval", "models.train_commands:eval_command"),
     (train_app, "dcgan", "models.train_commands:train_dcgan_command"),
+    (train_app, "curve", "models.train_commands:curve_command"),
 ]
 
 # Group callbacks: the command that runs when the group is called without a subcommand.

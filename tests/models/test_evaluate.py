@@ -105,3 +105,51 @@ def test_example_grid_rows_are_source_driver_output_target(heldout, checkpoint, 
     points = denormalise_pose(item["target_pose"].numpy(), 128).round().astype(int)
     on_line = stickman[points[:, 1].clip(0, 127), points[:, 0].clip(0, 127)].max(axis=1)
     assert (on_line > 0).mean() > 0.8 and (stickman.max(axis=2) == 0).mean() > 0.7
+
+
+def test_eval_command_text_output_and_grid(heldout, checkpoint, tmp_path):
+    """The text report handles a model whose frames show no face, and writes the grid."""
+    import typer
+
+    from models.train_commands import eval_command
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    grid = tmp_path / "examples.png"
+    result = CliRunner().invoke(
+        app,
+        ["--checkpoint", str(checkpoint), "--data", str(heldout), "--pairs", "2",
+         "--grid", str(grid), "--grid-rows", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    model_line = next(line for line in lines if line.startswith("model"))
+    baseline_line = next(line for line in lines if line.startswith("baseline"))
+    assert "pose error" in model_line and "faces found" in model_line
+    assert "n/a" not in baseline_line  # the unchanged source photo always shows a face
+    assert f"examples: {grid}" in lines
+    assert np.asarray(Image.open(grid)).shape == (2 * 128, 4 * 128, 3)
+
+
+def test_train_curve_command_plots_every_stage(tmp_path):
+    import typer
+
+    from models.train_commands import curve_command
+
+    stages = []
+    for stage, start in (("base", 0), ("enhancer", 0)):
+        path = tmp_path / f"{stage}.jsonl"
+        rows = [{"step": start + i, "loss/G/lf_l1": 1.0 / (i + 1), "loss/D/real": 0.5}
+                for i in range(1, 12)]
+        path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        stages.append(str(path))
+    app = typer.Typer()
+    app.command()(curve_command)
+    out = tmp_path / "curve.png"
+    result = CliRunner().invoke(app, [*stages, "--out", str(out), "--smooth", "3"])
+    assert result.exit_code == 0, result.output
+    image = np.asarray(Image.open(out))
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+    bad = CliRunner().invoke(app, [stages[0], "--smooth", "0"])
+    assert bad.exit_code == 2 and "expected 1 or more" in bad.output
