@@ -203,7 +203,7 @@ def eval_command(
         Path | None,
         typer.Option(help="Also save a PNG of held-out examples: source | pose | output | target."),
     ] = None,
-    grid_rows: Annotated[int, typer.Option(help="Rows of the example grid.")] = 6,
+    grid_rows: Annotated[int, typer.Option(min=1, help="Rows of the example grid.")] = 6,
     json_output: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """PSNR, SSIM and pose error of the model vs the unchanged-source baseline."""
