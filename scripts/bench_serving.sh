@@ -42,7 +42,8 @@ frame_bench() {
 echo "1/3 per-frame graph: onnxruntime, batch $batch, threads $threads, $weights" >&2
 frame_bench "$out/frame-before.json"
 
-port="$("$python_bin" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+port="$("$python_bin" -c "$free_port")"
 data_dir="$(mktemp -d)"
 AVATAR_DATA_DIR="$data_dir" AVATAR_WEIGHTS_DIR="$weights" AVATAR_MAX_BATCH="$batch" \
     AVATAR_RUNTIME_THREADS="$threads" avatar serve --port "$port" >"$out/server.log" 2>&1 &
@@ -80,14 +81,14 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-before, after = (json.loads((out / f"frame-{when}.json").read_text())["results"][0]
-                 for when in ("before", "after"))
+frame_runs = [json.loads((out / f"frame-{when}.json").read_text()) for when in ("before", "after")]
+before, after = (run["results"][0] for run in frame_runs)
 graph_fps = (before["fps"] + after["fps"]) / 2
 one = json.loads((out / "one-stream.json").read_text())
 sat = json.loads((out / "saturation.json").read_text())
 summary = {
     "graph": {"runtime": before["runtime"], "batch": before["batch"],
-              "threads": json.loads((out / "frame-before.json").read_text())["threads"],
+              "threads": frame_runs[0]["threads"],
               "fps_before": before["fps"], "fps_after": after["fps"],
               "fps": round(graph_fps, 1)},
     "one_stream": {"fps_delivered": one["fps_delivered"], "dropped": one["dropped"],
